@@ -1,0 +1,116 @@
+"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt models``, ``capt methods``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import list_methods, parse_eps
+
+
+def _train(args) -> None:
+    from .config import TrainConfig
+    from .train import train
+
+    overrides = {"epochs": args.epochs, "output_dir": args.output_dir, "device": args.device, "seed": args.seed}
+    config = TrainConfig.from_yaml(args.config, overrides)
+    run_dir = train(config, resume=args.resume, stop_after_epoch=args.stop_after_epoch, progress=not args.no_progress)
+    print(f"checkpoints in {run_dir}")
+
+
+def _eval(args) -> None:
+    import torch
+
+    from .checkpoint import load_prompted_model
+    from .config import load_method
+    from .data import load_dataset
+    from .evaluate import markdown_table, write_results
+    from .models import create_clip, pixel_transform
+    from .prompts import PromptConfig, PromptedCLIP
+    from .train import resolve_device
+
+    device = resolve_device(args.device)
+    if args.checkpoint:
+        model, meta = load_prompted_model(args.checkpoint, pretrained=args.pretrained, device=device)
+        source = {"checkpoint": str(args.checkpoint), "method": meta.get("method")}
+    else:
+        if not args.model:
+            raise ValueError("give --checkpoint, or --model (and --pretrained) to evaluate zero-shot CLIP")
+        method = load_method(args.method)
+        if method.get("trainable", True):
+            raise ValueError(f"method '{args.method}' needs trained prompts: pass --checkpoint")
+        clip = create_clip(args.model, args.pretrained, device=device)
+        model = PromptedCLIP(clip, PromptConfig.from_dict(method.get("prompt"))).to(device)
+        source = {"method": args.method, "model": args.model, "pretrained": args.pretrained}
+    transform = pixel_transform(model.preprocess_cfg)
+    from .evaluate import evaluate
+    results = []
+    for spec in args.data:
+        data = load_dataset(spec, transform)
+        torch.manual_seed(args.seed)
+        results.append(evaluate(model, data, args.eps, steps=args.steps, batch_size=args.batch_size,
+                                max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress))
+    json_path, md_path = write_results(results, args.output, extra=source)
+    print(markdown_table(results), end="")
+    print(f"written {json_path} and {md_path}")
+
+
+def _models(args) -> None:
+    from .models import list_models
+    print("\n".join(list_models()))
+
+
+def _methods(args) -> None:
+    print("\n".join(list_methods()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="capt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="adversarial prompt tuning (CAPT and its baselines)")
+    p.add_argument("--config", required=True, help="YAML run config (see capt/configs/)")
+    p.add_argument("--epochs", type=int, help="override the config's epochs")
+    p.add_argument("--output-dir", help="override the config's output_dir")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 or auto")
+    p.add_argument("--seed", type=int, help="override the config's seed")
+    p.add_argument("--resume", action="store_true", help="continue from the output_dir's latest checkpoint")
+    p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (resume later with --resume)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_train)
+
+    p = sub.add_parser("eval", help="clean and PGD robust accuracy, in-distribution and cross-dataset")
+    p.add_argument("--checkpoint", help="prompt checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--method", default="zeroshot", help="without --checkpoint: an untrained method (zeroshot)")
+    p.add_argument("--model", help="without --checkpoint: model name")
+    p.add_argument("--pretrained", help="pretrained tag or local file (overrides the checkpoint's)")
+    p.add_argument("--data", action="append", required=True,
+                   help="dataset spec name:root[:split], repeatable (e.g. imagefolder:data/test, cifar10:/data:test)")
+    p.add_argument("--eps", type=parse_eps, nargs="+", default=[1 / 255, 4 / 255], help="e.g. 1/255 4/255")
+    p.add_argument("--steps", type=int, default=100, help="PGD steps (step size eps/4)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-samples", type=int, help="evaluate a seeded random subset of this size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", default="results", help="directory for results.json and results.md")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_eval)
+
+    sub.add_parser("models", help="list model names").set_defaults(run=_models)
+    sub.add_parser("methods", help="list methods").set_defaults(run=_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .data import DataUnavailable
+    from .models import PretrainedUnavailable
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailable, PretrainedUnavailable) as err:
+        print(f"capt: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""Labelled image datasets read from local disk, never downloaded at run time.
+
+A dataset is named by a spec ``{"name": ..., "root": ..., "split": ...}``, or on the command line
+``name:root[:split]`` (e.g. ``imagefolder:data/pets``, ``cifar10:/data/cifar:test``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets as tvd
+
+from .fewshot import few_shot_indices
+from .templates import templates_for
+
+
+class DataUnavailable(RuntimeError):
+    """The data is not on disk where the spec says; the message says what to put there."""
+
+
+@dataclass
+class LabeledDataset:
+    name: str
+    dataset: Dataset  # yields (pixels in [0, 1], label)
+    classnames: list[str]
+    templates: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def few_shot(self, shots: int | None, seed: int) -> "LabeledDataset":
+        indices = few_shot_indices(self.labels, shots, seed)
+        return LabeledDataset(self.name, Subset(self.dataset, indices), self.classnames, self.templates,
+                              [self.labels[i] for i in indices])
+
+
+def _labels_of(dataset: Dataset) -> list[int]:
+    for attribute in ("targets", "_labels", "labels"):
+        labels = getattr(dataset, attribute, None)
+        if labels is not None:
+            return [int(label) for label in labels]
+    if hasattr(dataset, "_samples"):
+        return [int(label) for _, label in dataset._samples]
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def _folder_classnames(classes: list[str]) -> list[str]:
+    return [name.replace("_", " ") for name in classes]
+
+
+def _image_folder(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
+    folder = root / split if split and (root / split).is_dir() else root
+    if not folder.is_dir():
+        raise DataUnavailable(f"image folder not found: {folder} (expected one sub-folder of images per class)")
+    dataset = tvd.ImageFolder(str(folder), transform=transform)
+    return dataset, _folder_classnames(dataset.classes)
+
+
+def _imagenet(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
+    dataset, _ = _image_folder(root, split or "val", transform)
+    if len(dataset.classes) != len(IMAGENET_CLASSNAMES):
+        raise DataUnavailable(f"{root}: expected 1000 WordNet-id folders under '{split or 'val'}', found {len(dataset.classes)}")
+    return dataset, list(IMAGENET_CLASSNAMES)
+
+
+def _torchvision(cls, split_kind: str, names: Callable[[list[str]], list[str]] | None = None):
+    """Builder for a torchvision dataset; ``split_kind`` says how its constructor takes the split."""
+    def build(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
+        split = split or "train"
+        if split_kind == "train_flag":
+            kwargs = {"train": split == "train"}
+        elif split_kind == "trainval":  # OxfordIIITPet calls its training split "trainval"
+            kwargs = {"split": "trainval" if split == "train" else split}
+        else:
+            kwargs = {"split": split}
+        try:
+            dataset = cls(str(root), transform=transform, download=False, **kwargs)
+        except (RuntimeError, FileNotFoundError) as err:
+            raise DataUnavailable(f"{cls.__name__} not found under {root} ({err}). Download it once with "
+                                  f"torchvision (download=True) on a machine with network access and pass that "
+                                  f"folder as the root.") from err
+        classes = list(dataset.classes)
+        return dataset, names(classes) if names else _folder_classnames(classes)
+    return build
+
+
+DATASETS: dict[str, Callable] = {
+    "imagefolder": _image_folder,
+    "imagenet": _imagenet,
+    "cifar10": _torchvision(tvd.CIFAR10, "train_flag"),
+    "cifar100": _torchvision(tvd.CIFAR100, "train_flag"),
+    "mnist": _torchvision(tvd.MNIST, "train_flag", names=lambda classes: [c.split(" - ")[0] for c in classes]),
+    "fashion_mnist": _torchvision(tvd.FashionMNIST, "train_flag"),
+    "stl10": _torchvision(tvd.STL10, "split"),
+    "dtd": _torchvision(tvd.DTD, "split"),
+    "oxford_pets": _torchvision(tvd.OxfordIIITPet, "trainval"),
+    "food101": _torchvision(tvd.Food101, "split"),
+    "fgvc_aircraft": _torchvision(tvd.FGVCAircraft, "split"),
+    "stanford_cars": _torchvision(tvd.StanfordCars, "split"),
+}
+
+
+def register_dataset(name: str, builder: Callable) -> None:
+    """Add a dataset: ``builder(root: Path, split: str | None, transform) -> (dataset, classnames)``."""
+    DATASETS[name] = builder
+
+
+def parse_data_spec(spec: str | dict) -> dict:
+    if isinstance(spec, dict):
+        values = dict(spec)
+    else:
+        name, _, rest = spec.partition(":")
+        root, _, split = rest.rpartition(":") if rest.count(":") else (rest, "", "")
+        values = {"name": name, "root": root or ".", "split": split or None}
+    if values.get("name") not in DATASETS:
+        raise ValueError(f"unknown dataset '{values.get('name')}'; known: {sorted(DATASETS)}")
+    unknown = set(values) - {"name", "root", "split", "templates", "classnames"}
+    if unknown:
+        raise ValueError(f"unknown dataset option(s): {sorted(unknown)}")
+    return values
+
+
+def load_dataset(spec: str | dict, transform) -> LabeledDataset:
+    spec = parse_data_spec(spec)
+    dataset, classnames = DATASETS[spec["name"]](Path(spec.get("root") or "."), spec.get("split"), transform)
+    if spec.get("classnames"):
+        if len(spec["classnames"]) != len(classnames):
+            raise ValueError(f"{len(spec['classnames'])} class names given for {len(classnames)} classes")
+        classnames = list(spec["classnames"])
+    templates = list(spec.get("templates") or templates_for(spec["name"]))
+    return LabeledDataset(_display_name(spec), dataset, classnames, templates, _labels_of(dataset))
+
+
+def _display_name(spec: dict) -> str:
+    name = Path(spec.get("root") or ".").resolve().name if spec["name"] == "imagefolder" else spec["name"]
+    return f"{name}:{spec['split']}" if spec.get("split") else name
