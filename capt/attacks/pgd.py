@@ -39,9 +39,9 @@ class PGD(Attack):
 
     def _objective(self, logits: torch.Tensor, labels, target_probs) -> torch.Tensor:
         if self.loss == "ce":
-            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            loss = F.cross_entropy(logits.float(), labels)
             return -loss if self.targeted else loss
-        return F.kl_div(F.log_softmax(logits.float(), dim=-1), target_probs, reduction="sum")
+        return F.kl_div(F.log_softmax(logits.float(), dim=-1), target_probs, reduction="batchmean")
 
     def perturb(self, images: torch.Tensor, labels: torch.Tensor | None = None,
                 target_probs: torch.Tensor | None = None) -> torch.Tensor:

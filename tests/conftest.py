@@ -1,0 +1,42 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise hang ~46 s before failing
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capt import create_clip
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    torch.manual_seed(0)
+    return create_clip("capt-tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def vitb32_clip():
+    torch.manual_seed(0)
+    return create_clip("ViT-B-32")
+
+
+def write_colour_folder(root, per_class=6, size=40, seed=0):
+    """One folder per colour name of noisy solid-colour images, split into train/ and test/."""
+    rng = np.random.default_rng(seed)
+    for split in ("train", "test"):
+        for name, colour in COLOURS.items():
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                pixels = np.clip(np.array(colour)[None, None] + rng.normal(0, 25, (size, size, 3)), 0, 255)
+                Image.fromarray(pixels.astype("uint8")).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def colour_folder(tmp_path_factory):
+    return write_colour_folder(tmp_path_factory.mktemp("colours"))
