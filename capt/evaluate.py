@@ -8,7 +8,6 @@ images. The same prompts are evaluated on every dataset, each with its own label
 from __future__ import annotations
 
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
@@ -22,10 +21,10 @@ from .prompts import PromptedCLIP, ZeroShotClassifier
 
 
 def eps_label(eps: float) -> str:
-    """``4/255`` for multiples of 1/255 (how the literature writes them), else the number."""
-    fraction = Fraction(eps * 255).limit_denominator(100)
-    if abs(float(fraction) - eps * 255) < 1e-9:
-        return f"{fraction}/255"
+    """``4/255`` for whole multiples of 1/255 (how the literature writes them), else the number."""
+    steps_of_255 = eps * 255
+    if abs(steps_of_255 - round(steps_of_255)) < 1e-6:
+        return f"{round(steps_of_255)}/255"
     return f"{eps:g}"
 
 
