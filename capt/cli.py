@@ -1,4 +1,4 @@
-"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt models``, ``capt methods``."""
+"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt models``, ``capt methods``."""
 from __future__ import annotations
 
 import argparse
@@ -54,6 +54,18 @@ def _eval(args) -> None:
     print(f"written {json_path} and {md_path}")
 
 
+def _export(args) -> None:
+    from export import export_bundle, save_to_model_store
+
+    manifest = export_bundle(args.checkpoint, args.output, pretrained=args.pretrained, labels=args.labels,
+                             sample_data=args.sample_data, opset=args.opset)
+    parity = manifest["parity"]
+    print(f"exported {args.output} in {manifest['export_seconds']} s: max |onnx - torch| {parity['max_abs_diff']:.2e}, "
+          f"top-1 agreement {parity['top1_agreement']:.0%} on {parity['top1_samples']} {parity['sample']} images")
+    if args.model_name:
+        print(f"saved to the BentoML model store as {save_to_model_store(args.output, args.model_name)}")
+
+
 def _models(args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -95,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_eval)
 
+    p = sub.add_parser("export", help="ONNX bundle of a prompt checkpoint, parity-checked, into the BentoML model store")
+    p.add_argument("--checkpoint", required=True, help="prompt checkpoint directory, or a run directory (its latest)")
+    p.add_argument("--output", required=True, help="bundle folder to create")
+    p.add_argument("--pretrained", help="the base weights, if not where the checkpoint says")
+    p.add_argument("--labels", nargs="+", help="label set for the top-1 parity check (default: the training labels)")
+    p.add_argument("--sample-data", help="dataset spec of real images for the top-1 parity check (default: synthetic)")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--model-name", default="capt-default",
+                   help="name in the BentoML model store; '' to skip the store")
+    p.set_defaults(run=_export)
+
     sub.add_parser("models", help="list model names").set_defaults(run=_models)
     sub.add_parser("methods", help="list methods").set_defaults(run=_methods)
     return parser
@@ -102,11 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from export import BundleError, ExportParityError
+
     from .data import DataUnavailable
     from .models import PretrainedUnavailable
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailable, PretrainedUnavailable) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailable, PretrainedUnavailable, BundleError,
+            ExportParityError) as err:
         print(f"capt: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise hang ~46 s before failing
+# The tests' own BentoML model store, set before bentoml is first imported (it reads this once).
+os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="capt-tests-bentoml-")
 
 import numpy as np
 import pytest

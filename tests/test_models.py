@@ -40,7 +40,7 @@ def test_hub_weights_offline_fail_fast_with_instructions():
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
 def test_local_checkpoint_loads_the_saved_weights(tiny_clip, tmp_path, suffix):
-    state = {k: v.clone() for k, v in open_clip.create_model("capt-tiny-vit").state_dict().items()}
+    state = {k: v.clone() for k, v in create_clip("capt-tiny-vit").model.state_dict().items()}
     path = tmp_path / f"weights{suffix}"
     if suffix == ".safetensors":
         save_file({k: v.contiguous() for k, v in state.items()}, path)
