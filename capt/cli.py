@@ -1,4 +1,4 @@
-"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt models``, ``capt methods``."""
+"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt pretrain``, ``capt models``, ``capt methods``."""
 from __future__ import annotations
 
 import argparse
@@ -66,6 +66,15 @@ def _export(args) -> None:
         print(f"saved to the BentoML model store as {save_to_model_store(args.output, args.model_name)}")
 
 
+def _pretrain(args) -> None:
+    from .pretrain import PretrainConfig, pretrain
+
+    values = {k: v for k, v in {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
+                                "seed": args.seed, "fashion_root": args.fashion_root}.items() if v is not None}
+    weights = pretrain(PretrainConfig(**values), args.output, resume=args.resume, progress=not args.no_progress)
+    print(f"weights in {weights}")
+
+
 def _models(args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -117,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default="capt-default",
                    help="name in the BentoML model store; '' to skip the store")
     p.set_defaults(run=_export)
+
+    p = sub.add_parser("pretrain", help="contrastive pretraining of a small CLIP on the toy world (+ Fashion-MNIST)")
+    p.add_argument("--output", required=True, help="folder for weights.safetensors, metrics and resumable state")
+    p.add_argument("--model", help="model config (default capt-toy-vit)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--fashion-root", help="Fashion-MNIST idx files ('' to leave them out)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_pretrain)
 
     sub.add_parser("models", help="list model names").set_defaults(run=_models)
     sub.add_parser("methods", help="list methods").set_defaults(run=_methods)

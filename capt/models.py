@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-MODEL_CONFIG_DIR = Path(os.environ.get("CAPT_MODEL_DIR", Path(__file__).resolve().parent.parent / "models"))
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODEL_CONFIG_DIR = Path(os.environ.get("CAPT_MODEL_DIR", REPO_ROOT / "models"))
 _registered = False
 
 
@@ -68,6 +69,8 @@ def create_clip(name: str, pretrained: str | None = None, device: str | torch.de
         pretrained = None
     elif os.path.isfile(str(pretrained)):
         pretrained = str(Path(pretrained).resolve())
+    elif not Path(pretrained).is_absolute() and (REPO_ROOT / pretrained).is_file():
+        pretrained = str(REPO_ROOT / pretrained)  # a path inside this repository, e.g. the default model
     else:
         tags = open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:

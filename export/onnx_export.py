@@ -19,6 +19,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from capt.checkpoint import META_FILE, PROMPTS_FILE, load_prompted_model, resolve_checkpoint
@@ -27,6 +28,7 @@ from capt.prompts import PromptedCLIP
 from .bundle import BUNDLE_FORMAT, MANIFEST, sha256_of
 
 IMAGE_ONNX, TEXT_ONNX = "image_encoder.onnx", "text_encoder.onnx"
+BASE_WEIGHTS = "base_weights.safetensors"
 DEFAULT_OPSET = 18
 FP32_TOLERANCE = 1e-4
 _PARITY_BATCHES = (1, 7)
@@ -62,12 +64,22 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
 
 
 def onnx_session(path: str | Path, providers: Sequence[str] | None = None):
+    """An ONNX Runtime session on the first available of ``providers`` (default CUDA, then CPU).
+    onnxruntime-gpu lists the CUDA provider even where no GPU or driver is present; the session then
+    falls back to CPU, and ``session.get_providers()[0]`` says which one runs."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if not torch.cuda.is_available():  # onnxruntime-gpu lists CUDA even without a GPU, then fails loudly
+        available = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
+    if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
+        try:  # CUDA and cuDNN from the pip wheels that torch brings (no CUDA base image needed)
+            ort.preload_dlls(directory="")
+        except Exception:  # noqa: BLE001 - no GPU libraries: CPU it is
+            pass
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # keep the CUDA-provider-missing warnings out of CPU logs
+    options.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=options, providers=wanted or ["CPUExecutionProvider"])
 
 
@@ -126,9 +138,13 @@ def check_parity(model: PromptedCLIP, image_path: Path, text_path: Path, labels:
 
 def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: str | None = None,
                   labels: Sequence[str] | None = None, sample_data: str | None = None, sample_count: int = 64,
-                  opset: int = DEFAULT_OPSET, seed: int = 0) -> dict:
+                  opset: int = DEFAULT_OPSET, seed: int = 0, include_base_weights: bool = True) -> dict:
     """Export, check parity and write the bundle to ``output_dir`` (which must not exist yet, and
-    appears only once everything has passed). Returns the manifest."""
+    appears only once everything has passed). Returns the manifest.
+
+    With ``include_base_weights`` the CLIP weights travel in the bundle (copied when they come from
+    a local file, saved when random), so the probe can rebuild the model anywhere; weights named by
+    a hub tag are only referenced."""
     output_dir = Path(output_dir)
     if output_dir.exists():
         raise FileExistsError(f"{output_dir} exists; export writes a new folder")
@@ -151,6 +167,13 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
                                     f"(tolerance {FP32_TOLERANCE:g}), top-1 agreement {parity['top1_agreement']:.2%}")
         shutil.copy2(checkpoint_dir / PROMPTS_FILE, staging / PROMPTS_FILE)
         shutil.copy2(checkpoint_dir / META_FILE, staging / META_FILE)
+        files = [IMAGE_ONNX, TEXT_ONNX, PROMPTS_FILE, META_FILE]
+        if include_base_weights and model.pretrained is None:
+            save_file({k: v.contiguous() for k, v in model.clip.state_dict().items()}, staging / BASE_WEIGHTS)
+            files.append(BASE_WEIGHTS)
+        elif include_base_weights and Path(model.pretrained).is_file() and Path(model.pretrained).suffix == ".safetensors":
+            shutil.copy2(model.pretrained, staging / BASE_WEIGHTS)
+            files.append(BASE_WEIGHTS)
         clip = model.clip
         n_ctx = model.config.text_n_ctx
         manifest = {
@@ -175,7 +198,8 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
             "parity": parity,
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - started, 2),
-            "files": {name: sha256_of(staging / name) for name in (IMAGE_ONNX, TEXT_ONNX, PROMPTS_FILE, META_FILE)},
+            "base_weights": BASE_WEIGHTS if BASE_WEIGHTS in files else None,
+            "files": {name: sha256_of(staging / name) for name in files},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a server

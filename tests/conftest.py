@@ -43,3 +43,18 @@ def write_colour_folder(root, per_class=6, size=40, seed=0):
 @pytest.fixture(scope="session")
 def colour_folder(tmp_path_factory):
     return write_colour_folder(tmp_path_factory.mktemp("colours"))
+
+
+@pytest.fixture(scope="session")
+def default_bundle(tmp_path_factory):
+    """The embedded default model, exported as `make serve` does (without the model store)."""
+    from export import export_bundle
+    from serving.prepare import DEFAULT_PROMPTS, DEFAULT_WEIGHTS
+    bundle = tmp_path_factory.mktemp("default") / "bundle"
+    export_bundle(DEFAULT_PROMPTS, bundle, pretrained=str(DEFAULT_WEIGHTS), sample_data="toyworld_pairs::test")
+    return bundle
+
+
+def toy_image(shape="star", colour="red", seed=0):
+    from capt.data.toyworld import Scene, render
+    return render(Scene(shape, colour, "large", "plain", 1, "middle"), seed)

@@ -52,7 +52,7 @@ def test_torchvision_dataset_read_from_a_local_root(tmp_path, tiny_clip):
     data = load_dataset({"name": "fashion_mnist", "root": str(tmp_path), "split": "test"},
                         pixel_transform(tiny_clip.preprocess_cfg))
     assert len(data) == 20 and data.labels[:3] == [0, 1, 2]
-    assert data.classnames[0] == "T-shirt/top" and len(data.classnames) == 10
+    assert data.classnames[0] == "t-shirt/top" and len(data.classnames) == 10
     assert data.dataset[0][0].shape == (3, 32, 32)
 
 

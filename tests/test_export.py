@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -43,7 +44,9 @@ def test_manifest_records_parity_and_what_serving_needs(tiny_bundle):
     assert manifest["preprocess"]["mean"] == list(open_clip.OPENAI_DATASET_MEAN)
     assert manifest["pretrained"].endswith("tiny.safetensors")
     assert manifest["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
-    assert set(manifest["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "prompts.safetensors", "prompt_config.json"}
+    assert set(manifest["files"]) == {"image_encoder.onnx", "text_encoder.onnx", "prompts.safetensors", "prompt_config.json",
+                                      "base_weights.safetensors"}
+    assert (bundle / "base_weights.safetensors").read_bytes() == Path(manifest["pretrained"]).read_bytes()
     assert verify_bundle(bundle) == manifest
 
 
@@ -66,7 +69,7 @@ def test_random_weight_vit_b32_with_prompts_exports_with_parity(tmp_path):
     checkpoint = _checkpoint(tmp_path / "run", create_clip("ViT-B-32"))
     # Random weights are rebuilt from the seed at load time; parity is between that model and its graphs.
     torch.manual_seed(0)
-    manifest = export_bundle(checkpoint, tmp_path / "bundle", sample_count=8)
+    manifest = export_bundle(checkpoint, tmp_path / "bundle", sample_count=8, include_base_weights=False)
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["top1_agreement"] == 1.0
     assert manifest["inputs"]["text"]["shape"] == ["batch", 75]
 

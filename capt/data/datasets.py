@@ -89,13 +89,51 @@ def _torchvision(cls, split_kind: str, names: Callable[[list[str]], list[str]] |
     return build
 
 
+def _toyworld(task: str):
+    def build(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
+        from .toyworld import ToyWorldTask
+        dataset = ToyWorldTask(task, split or "test", transform)
+        return dataset, dataset.classnames
+    return build
+
+
+class _FashionMNIST(Dataset):
+    def __init__(self, root: Path, split: str, transform):
+        from PIL import Image
+
+        from .fashion import fashion_mnist_arrays
+        try:
+            self.images, labels = fashion_mnist_arrays(root, split)
+        except FileNotFoundError as err:
+            raise DataUnavailable(str(err)) from err
+        self.targets = labels.tolist()
+        self.transform, self._to_image = transform, Image.fromarray
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = self._to_image(self.images[index]).convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def _fashion_mnist(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
+    from .fashion import DEBIAN_ROOT, FASHION_MNIST_CLASSNAMES
+    root = root if str(root) not in ("", ".") else Path(DEBIAN_ROOT)
+    return _FashionMNIST(root, split or "test", transform), [c.lower() for c in FASHION_MNIST_CLASSNAMES]
+
+
 DATASETS: dict[str, Callable] = {
     "imagefolder": _image_folder,
     "imagenet": _imagenet,
     "cifar10": _torchvision(tvd.CIFAR10, "train_flag"),
     "cifar100": _torchvision(tvd.CIFAR100, "train_flag"),
     "mnist": _torchvision(tvd.MNIST, "train_flag", names=lambda classes: [c.split(" - ")[0] for c in classes]),
-    "fashion_mnist": _torchvision(tvd.FashionMNIST, "train_flag"),
+    "fashion_mnist": _fashion_mnist,  # Debian's gzipped idx files or torchvision's raw/ layout
+    "toyworld_pairs": _toyworld("pairs"),
+    "toyworld_shapes": _toyworld("shapes"),
+    "toyworld_colours": _toyworld("colours"),
+    "toyworld_counts": _toyworld("counts"),
     "stl10": _torchvision(tvd.STL10, "split"),
     "dtd": _torchvision(tvd.DTD, "split"),
     "oxford_pets": _torchvision(tvd.OxfordIIITPet, "trainval"),
@@ -132,7 +170,7 @@ def load_dataset(spec: str | dict, transform) -> LabeledDataset:
         if len(spec["classnames"]) != len(classnames):
             raise ValueError(f"{len(spec['classnames'])} class names given for {len(classnames)} classes")
         classnames = list(spec["classnames"])
-    templates = list(spec.get("templates") or templates_for(spec["name"]))
+    templates = list(spec.get("templates") or getattr(dataset, "templates", None) or templates_for(spec["name"]))
     return LabeledDataset(_display_name(spec), dataset, classnames, templates, _labels_of(dataset))
 
 

@@ -1,0 +1,319 @@
+"""What the service does, without BentoML: a verified bundle, label-set embeddings (cached), zero-shot
+classification with ONNX Runtime, and the PGD probe in PyTorch on the same prompted model."""
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from capt.attacks import PGD
+from capt.checkpoint import load_prompted_model
+from capt.models import pixel_transform
+from capt.prompts import ZeroShotClassifier
+from export.bundle import verify_bundle
+from export.onnx_export import BASE_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, onnx_session
+
+from .images import png_base64
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits; each can be set through the environment variable named in ``from_env``."""
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images: int = 32
+    max_labels: int = 1000
+    max_label_chars: int = 200
+    max_templates: int = 16
+    max_top_k: int = 100
+    max_probe_eps: float = 32 / 255
+    max_probe_steps: int = 200
+    max_probe_restarts: int = 5
+    max_concurrent_probes: int = 2
+    label_cache_size: int = 256
+
+    @classmethod
+    def from_env(cls) -> "Limits":
+        return cls(
+            max_upload_bytes=_env_int("CAPT_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
+            max_image_pixels=_env_int("CAPT_MAX_IMAGE_PIXELS", cls.max_image_pixels),
+            max_images=_env_int("CAPT_MAX_IMAGES", cls.max_images),
+            max_labels=_env_int("CAPT_MAX_LABELS", cls.max_labels),
+            max_label_chars=_env_int("CAPT_MAX_LABEL_CHARS", cls.max_label_chars),
+            max_templates=_env_int("CAPT_MAX_TEMPLATES", cls.max_templates),
+            max_top_k=_env_int("CAPT_MAX_TOP_K", cls.max_top_k),
+            max_probe_eps=_env_float("CAPT_MAX_PROBE_EPS", cls.max_probe_eps),
+            max_probe_steps=_env_int("CAPT_MAX_PROBE_STEPS", cls.max_probe_steps),
+            max_probe_restarts=_env_int("CAPT_MAX_PROBE_RESTARTS", cls.max_probe_restarts),
+            max_concurrent_probes=_env_int("CAPT_MAX_CONCURRENT_PROBES", cls.max_concurrent_probes),
+            label_cache_size=_env_int("CAPT_LABEL_CACHE_SIZE", cls.label_cache_size),
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RequestError(ValueError):
+    """A request the server refuses (HTTP 400); the message is for the client."""
+
+
+class Busy(RuntimeError):
+    """Too many probes at once (HTTP 429)."""
+
+
+class LabelCache:
+    """LRU of class embeddings keyed by (labels, templates)."""
+
+    def __init__(self, size: int):
+        self.size, self.hits, self.misses = size, 0, 0
+        self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or_compute(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+            self.misses += 1
+        value = compute()
+        with self._lock:
+            self._entries[key] = value
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+        return value
+
+
+def validate_labels(labels: Sequence[str], templates: Sequence[str] | None, limits: Limits, minimum: int = 1) -> tuple[list[str], list[str] | None]:
+    if not isinstance(labels, (list, tuple)) or not all(isinstance(l, str) for l in labels):
+        raise RequestError("labels must be a list of strings")
+    labels = [l.strip() for l in labels]
+    if len(labels) < minimum:
+        raise RequestError(f"need at least {minimum} label(s), got {len(labels)}")
+    if len(labels) > limits.max_labels:
+        raise RequestError(f"too many labels: {len(labels)} > {limits.max_labels}")
+    if any(not l for l in labels):
+        raise RequestError("labels must not be empty")
+    if len(set(labels)) != len(labels):
+        raise RequestError(f"duplicate labels: {sorted({l for l in labels if labels.count(l) > 1})}")
+    if any(len(l) > limits.max_label_chars for l in labels):
+        raise RequestError(f"a label is longer than {limits.max_label_chars} characters")
+    if templates is not None:
+        templates = list(templates)
+        if not templates or len(templates) > limits.max_templates:
+            raise RequestError(f"give 1..{limits.max_templates} templates")
+        for template in templates:
+            if not isinstance(template, str) or template.count("{}") != 1:
+                raise RequestError(f"template must contain '{{}}' exactly once: {template!r}")
+    return labels, templates
+
+
+class ServingModel:
+    """A verified bundle, loaded for serving. ``encode_images`` may be replaced by a batched remote
+    encoder (the BentoML dependency); by default the local ONNX session runs it."""
+
+    def __init__(self, bundle_dir: str | Path, limits: Limits | None = None, providers: Sequence[str] | None = None):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = verify_bundle(self.bundle_dir)
+        self.limits = limits or Limits()
+        self.image_session = onnx_session(self.bundle_dir / IMAGE_ONNX, providers)
+        self.text_session = onnx_session(self.bundle_dir / TEXT_ONNX, providers)
+        self.provider = self.image_session.get_providers()[0]
+        pretrained = str(self.bundle_dir / BASE_WEIGHTS) if self.manifest.get("base_weights") else self.manifest["pretrained"]
+        self.torch_model, _ = load_prompted_model(self.bundle_dir, pretrained=pretrained or "none")
+        self.transform = pixel_transform(self.torch_model.preprocess_cfg)
+        self.logit_scale = float(self.manifest["logit_scale"])
+        self.label_cache = LabelCache(self.limits.label_cache_size)
+        self.probe_slots = threading.BoundedSemaphore(self.limits.max_concurrent_probes)
+        self.probes_run = 0
+        self.probe_seconds = 0.0
+
+    # ---- encoders -----------------------------------------------------------------------------
+    def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        return torch.stack([self.transform(image) for image in images]).numpy()
+
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        return self.image_session.run(None, {"pixels": pixels.astype(np.float32)})[0]
+
+    def encode_texts(self, texts_or_labels: Sequence[str], template: str | None = None) -> np.ndarray:
+        tokens = self.torch_model.tokenize(list(texts_or_labels), template)
+        return self.text_session.run(None, {"tokens": tokens.numpy()})[0]
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+        """[C, D] embeddings of a label set; templates are averaged CLIP-style (hand prompts only:
+        with learned text prompts the learned context is the template)."""
+        def compute() -> np.ndarray:
+            if self.torch_model.config.text_n_ctx or not templates:
+                return self.encode_texts(labels)
+            stacked = np.stack([self.encode_texts(labels, t) for t in templates]).mean(0)
+            return stacked / np.linalg.norm(stacked, axis=-1, keepdims=True)
+        return self.label_cache.get_or_compute((tuple(labels), tuple(templates or ())), compute)
+
+    # ---- classification -----------------------------------------------------------------------
+    def classify_embeddings(self, image_embeddings: np.ndarray, labels: list[str], class_embeddings: np.ndarray,
+                            top_k: int) -> list[list[dict]]:
+        logits = self.logit_scale * image_embeddings @ class_embeddings.T
+        if self.manifest.get("logit_bias") is not None:
+            logits = logits + self.manifest["logit_bias"]
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        k = min(top_k, len(labels))
+        ranked = np.argsort(-probs, axis=-1)[:, :k]
+        return [[{"label": labels[i], "probability": float(p[i])} for i in row] for row, p in zip(ranked, probs)]
+
+    def classify(self, images: Sequence[Image.Image], labels: Sequence[str], templates: Sequence[str] | None = None,
+                 top_k: int = 5, encode: Callable[[np.ndarray], np.ndarray] | None = None) -> list[list[dict]]:
+        labels, templates = validate_labels(labels, templates, self.limits)
+        if not images:
+            raise RequestError("no image given")
+        if len(images) > self.limits.max_images:
+            raise RequestError(f"too many images: {len(images)} > {self.limits.max_images}")
+        if not 1 <= top_k <= self.limits.max_top_k:
+            raise RequestError(f"top_k must be in 1..{self.limits.max_top_k}")
+        embeddings = (encode or self.encode_images)(self.pixels(images))
+        return self.classify_embeddings(np.asarray(embeddings), labels, self.class_embeddings(labels, templates), top_k)
+
+    # ---- probe --------------------------------------------------------------------------------
+    def _check_probe_args(self, labels, true_label, eps, steps, step_size, restarts):
+        labels, _ = validate_labels(labels, None, self.limits, minimum=2)
+        for name, value in (("eps", eps), ("step_size", step_size)):
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise RequestError(f"{name} must be a finite number >= 0, got {value}")
+        if eps > self.limits.max_probe_eps:
+            raise RequestError(f"eps {eps:.5f} is over the limit of {self.limits.max_probe_eps:.5f}")
+        if not 0 <= steps <= self.limits.max_probe_steps:
+            raise RequestError(f"steps must be in 0..{self.limits.max_probe_steps}")
+        if not 1 <= restarts <= self.limits.max_probe_restarts:
+            raise RequestError(f"restarts must be in 1..{self.limits.max_probe_restarts}")
+        if true_label is not None and true_label not in labels:
+            raise RequestError(f"true_label {true_label!r} is not one of the labels")
+        return labels
+
+    def probe(self, image: Image.Image, labels: Sequence[str], true_label: str | None = None, eps: float = 4 / 255,
+              steps: int = 10, step_size: float | None = None, restarts: int = 1, seed: int = 0,
+              return_images: bool = False, search_eps: bool = False) -> dict:
+        labels = self._check_probe_args(labels, true_label, eps, steps, step_size, restarts)
+        if not self.probe_slots.acquire(blocking=False):
+            raise Busy(f"{self.limits.max_concurrent_probes} probes are already running; retry later")
+        started = time.perf_counter()
+        try:
+            with torch.no_grad():  # PGD turns gradients on where it needs them
+                result = self._probe(image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps)
+        finally:
+            self.probe_slots.release()
+        elapsed = time.perf_counter() - started
+        self.probes_run += 1
+        self.probe_seconds += elapsed
+        result["time_ms"] = round(1000 * elapsed, 1)
+        return result
+
+    def _attack(self, classifier, pixels, target, eps, steps, step_size, restarts, seed):
+        """Untargeted PGD (CE on ``target``) with restarts; the restart with the lowest margin wins."""
+        best, best_margin = pixels, math.inf
+        for restart in range(restarts):
+            attack = PGD(classifier, eps=eps, alpha=step_size if step_size is not None else eps / 4, steps=steps,
+                         random_start=restarts > 1 or restart > 0, loss="ce", seed=seed + restart)
+            adversarial = attack(pixels, target)
+            margin = _margin(classifier(adversarial)[0], int(target[0]))
+            if margin < best_margin:
+                best, best_margin = adversarial, margin
+            if margin < 0:
+                break
+        return best, best_margin
+
+    def _probe(self, image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps):
+        model = self.torch_model
+        class_embeddings = torch.from_numpy(self.class_embeddings(labels)).float()
+        classifier = ZeroShotClassifier(model, class_embeddings)
+        pixels = torch.from_numpy(self.pixels([image]))
+        clean_logits = classifier(pixels)[0]
+        clean_index = int(clean_logits.argmax())
+        target_index = labels.index(true_label) if true_label is not None else clean_index
+        target = torch.tensor([target_index])
+        with torch.enable_grad():
+            probe_input = pixels.clone().requires_grad_(True)
+            loss = torch.nn.functional.cross_entropy(classifier(probe_input), target)
+            gradient, = torch.autograd.grad(loss, probe_input)
+        adversarial, margin_after = self._attack(classifier, pixels, target, eps, steps, step_size, restarts, seed)
+        adv_logits = classifier(adversarial)[0]
+        onnx_clean = self.encode_images(pixels.numpy())
+        onnx_adv = self.encode_images(adversarial.numpy())
+        class_np = class_embeddings.numpy()
+        onnx_answers = self.classify_embeddings(np.concatenate([onnx_clean, onnx_adv]), labels, class_np, 1)
+        result = {
+            "labels": labels,
+            "target": labels[target_index],
+            "eps": eps, "steps": steps, "step_size": step_size if step_size is not None else eps / 4, "restarts": restarts,
+            "clean": _prediction(clean_logits, labels),
+            "adversarial": _prediction(adv_logits, labels),
+            "flipped": int(adv_logits.argmax()) != target_index,
+            "margin_clean": _margin(clean_logits, target_index),
+            "margin_adversarial": _margin(adv_logits, target_index),
+            "served_onnx": {"clean": onnx_answers[0][0], "adversarial": onnx_answers[1][0],
+                            "flipped": onnx_answers[1][0]["label"] != labels[target_index]},
+            "linf_distance": float((adversarial - pixels).abs().max()),
+            "sanity": {
+                "zero_gradient": bool(gradient.abs().max() == 0),
+                "clean_already_wrong": clean_index != target_index,
+                "attack_did_nothing": eps == 0 or steps == 0,
+            },
+        }
+        if return_images:
+            delta = (adversarial - pixels)[0]
+            amplified = (0.5 + 0.5 * delta / max(eps, 1e-12)).clamp(0, 1)
+            result["adversarial_png"] = png_base64(_to_image(adversarial[0]))
+            result["perturbation_png"] = png_base64(_to_image(amplified))
+        if search_eps:
+            result["eps_search"] = self._search_eps(classifier, pixels, target, steps, restarts, seed)
+        return result
+
+    def _search_eps(self, classifier, pixels, target, steps, restarts, seed) -> dict:
+        grid = [e / 255 for e in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if e / 255 <= self.limits.max_probe_eps + 1e-12]
+        tried = []
+        for eps in grid:
+            _, margin = self._attack(classifier, pixels, target, eps, max(steps, 1), None, restarts, seed)
+            tried.append({"eps": eps, "margin": margin, "flipped": margin < 0})
+            if margin < 0:
+                return {"smallest_flipping_eps": eps, "smallest_flipping_eps_255": round(eps * 255, 3), "grid": tried}
+        return {"smallest_flipping_eps": None, "grid": tried}
+
+    def info(self) -> dict:
+        m = self.manifest
+        return {"model": m["model"], "method": m.get("method"), "pretrained": m.get("pretrained"),
+                "prompt": m["prompt"], "image_size": m["inputs"]["image"]["shape"][-1],
+                "parity": {k: m["parity"][k] for k in ("max_abs_diff", "top1_agreement")},
+                "onnx_provider": self.provider, "limits": self.limits.to_dict(),
+                "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},
+                "probes_run": self.probes_run}
+
+
+def _prediction(logits: torch.Tensor, labels: list[str]) -> dict:
+    probs = torch.softmax(logits.float(), -1)
+    index = int(probs.argmax())
+    return {"label": labels[index], "probability": float(probs[index])}
+
+
+def _margin(logits: torch.Tensor, target: int) -> float:
+    others = torch.cat([logits[:target], logits[target + 1:]])
+    return float(logits[target] - others.max())
+
+
+def _to_image(pixels: torch.Tensor) -> Image.Image:
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

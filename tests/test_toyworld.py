@@ -1,0 +1,79 @@
+import gzip
+import random
+
+import numpy as np
+import pytest
+
+from capt.data import load_dataset
+from capt.data.fashion import fashion_mnist_arrays
+from capt.data.toyworld import (COLOURS, SHAPES, Scene, ToyWorldTask, caption_sample, captions, held_out_pairs,
+                                render, sample_scene, seen_pairs)
+from capt.pretrain import CaptionStream, PretrainConfig
+
+
+def test_rendering_is_a_function_of_the_seed():
+    scene = Scene("star", "red", "large", "striped", 2, "middle")
+    assert np.array_equal(np.asarray(render(scene, 5)), np.asarray(render(scene, 5)))
+    assert not np.array_equal(np.asarray(render(scene, 5)), np.asarray(render(scene, 6)))
+    assert render(scene, 5).size == (64, 64)
+
+
+def test_held_out_pairs_keep_every_attribute_seen_with_partners():
+    held_out = held_out_pairs()
+    assert len(held_out) == round(0.2 * 64)
+    seen = seen_pairs(held_out)
+    assert {c for c, _ in seen} == set(COLOURS) and {s for _, s in seen} == set(SHAPES)
+    assert held_out == held_out_pairs()
+
+
+def test_pretraining_stream_never_shows_a_held_out_pair():
+    held_out = held_out_pairs()
+    for index in range(300):
+        _, caption = caption_sample(index, 0, held_out)
+        for colour, shape in held_out:
+            assert f"{colour} {shape}" not in caption, caption
+
+
+def test_captions_are_truthful():
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = sample_scene(rng, seen_pairs(held_out_pairs()))
+        for caption in captions(scene, rng):
+            words = caption.replace(".", "").split()
+            named_shape = [s for s in SHAPES if s in words or s + "s" in words or s + "es" in words]
+            named_colour = [c for c in COLOURS if c in words]
+            assert named_shape in ([], [scene.shape]) and named_colour in ([], [scene.colour]), (scene, caption)
+            assert named_shape or named_colour or scene.texture in words or scene.size in words, caption
+
+
+def test_tasks_label_what_is_drawn():
+    task = ToyWorldTask("pairs", "heldout", size=50)
+    held_out = held_out_pairs()
+    for scene, target in zip(task.scenes, task.targets):
+        assert (scene.colour, scene.shape) in held_out
+        assert task.classnames[target] == f"{scene.colour} {scene.shape}"
+    data = load_dataset("toyworld_shapes::test", None)
+    assert data.classnames == SHAPES and data.templates == ["a photo of a {}."] and len(data) == 2000
+    image, label = data.dataset[0]
+    assert image.size == (64, 64) and label == data.labels[0]
+
+
+def test_fashion_mnist_from_gzipped_idx_files(tmp_path):
+    def write(path, array):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+    write(tmp_path / "train-images-idx3-ubyte.gz", np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256)
+    write(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]))
+    images, labels = fashion_mnist_arrays(tmp_path, "train")
+    assert images.shape == (2, 28, 28) and labels.tolist() == [3, 7]
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        fashion_mnist_arrays(tmp_path, "test")
+
+
+def test_caption_stream_is_reproducible_and_mixes_in_fashion_mnist(tmp_path):
+    config = PretrainConfig(fashion_root=None)
+    stream = CaptionStream(config, 64)
+    first, again = stream[11], CaptionStream(config, 64)[11]
+    assert first[1] == again[1] and np.array_equal(first[0].numpy(), again[0].numpy())
+    assert first[0].shape == (3, 64, 64)
