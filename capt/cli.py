@@ -1,4 +1,4 @@
-"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt pretrain``, ``capt models``, ``capt methods``."""
+"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt pretrain``, ``capt replicate``, ``capt models``, ``capt methods``."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,19 @@ def _pretrain(args) -> None:
     print(f"weights in {weights}")
 
 
+def _replicate(args) -> None:
+    from .replicate import GridConfig, run_grid
+
+    overrides = {k: v for k, v in {"model": args.model, "pretrained": args.pretrained, "methods": args.methods,
+                                   "shots": args.shots, "eps": args.eps, "seeds": args.seeds, "epochs": args.epochs,
+                                   "train_data": args.train_data, "eval_data": args.eval_data,
+                                   "eval_samples": args.eval_samples, "pgd_steps": args.pgd_steps,
+                                   "device": args.device}.items() if v is not None}
+    grid = GridConfig.quick(**overrides) if args.quick else GridConfig(**overrides)
+    run_grid(grid, args.output, progress=not args.no_progress)
+    print(f"results in {args.output}/results.md, results.json and *.png")
+
+
 def _models(args) -> None:
     from .models import list_models
     print("\n".join(list_models()))
@@ -137,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_pretrain)
+
+    p = sub.add_parser("replicate", help="methods x shots x eps x seeds, in-distribution and cross-dataset")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 4 shots, eps 4/255, one seed, PGD-10")
+    p.add_argument("--output", default="results/replicate")
+    p.add_argument("--model")
+    p.add_argument("--pretrained")
+    p.add_argument("--methods", nargs="+")
+    p.add_argument("--shots", type=int, nargs="+")
+    p.add_argument("--eps", type=parse_eps, nargs="+")
+    p.add_argument("--seeds", type=int, nargs="+")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--train-data", help="dataset spec to tune on (default: the toy world's pairs)")
+    p.add_argument("--eval-data", nargs="+", help="dataset specs; the first is in-distribution")
+    p.add_argument("--eval-samples", type=int)
+    p.add_argument("--pgd-steps", type=int)
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_replicate)
 
     sub.add_parser("models", help="list model names").set_defaults(run=_models)
     sub.add_parser("methods", help="list methods").set_defaults(run=_methods)

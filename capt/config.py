@@ -3,8 +3,8 @@ loss and attack sections the file may override key by key."""
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass, field, fields
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,17 @@ def list_methods() -> list[str]:
 
 
 def parse_eps(value: Any) -> float:
-    """``0.0039``, ``"1/255"`` or ``"4/255"`` -> float; refuses negatives and NaN."""
+    """``0.0039``, ``"1/255"`` or ``"2.67/255"`` -> float; refuses negatives and NaN."""
     try:
-        eps = float(Fraction(value.replace(" ", ""))) if isinstance(value, str) else float(value)
+        if isinstance(value, str) and "/" in value:
+            numerator, denominator = value.replace(" ", "").split("/")
+            eps = float(numerator) / float(denominator)
+        else:
+            eps = float(value)
     except (ValueError, ZeroDivisionError) as err:
         raise ValueError(f"not a number or fraction: '{value}'") from err
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {value}")
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be a finite number >= 0, got {value}")
     return eps
 
 

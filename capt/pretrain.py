@@ -37,7 +37,7 @@ class PretrainConfig:
     warmup_steps: int = 100
     seed: int = 0
     held_out_fraction: float = 0.2
-    fashion_fraction: float = 0.15
+    fashion_fraction: float = 0.1
     fashion_root: str | None = "/usr/share/datasets/fashion-mnist"
     checkpoint_every: int = 250
 

@@ -86,6 +86,8 @@ class PromptedCLIP(nn.Module):
             raise NotImplementedError(f"{clip.name}: prompts need a ViT image tower and open_clip's own text transformer")
 
         text_layers, vision_layers = len(model.transformer.resblocks), len(model.visual.transformer.resblocks)
+        if config.coupling == "maple":  # coupled layer by layer: both towers get the shallower depth
+            text_layers = vision_layers = min(text_layers, vision_layers)
         # A config written for ViT-B (depth 9) still runs on shallower models: depth is capped.
         config = PromptConfig.from_dict({**config.to_dict(),
                                          "text_depth": min(config.text_depth, text_layers),

@@ -65,6 +65,19 @@ def test_cli_errors_are_messages_not_tracebacks(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("text,value", [("1/255", 1 / 255), ("2.67/255", 2.67 / 255), ("0.5", 0.5)])
+def test_eps_parsing(text, value):
+    from capt.config import parse_eps
+    assert parse_eps(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1/255", "x", "1/0"])
+def test_eps_parsing_refuses(text):
+    from capt.config import parse_eps
+    with pytest.raises(ValueError):
+        parse_eps(text)
+
+
 def test_cli_refuses_a_bad_eps(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["eval", "--model", "capt-tiny-vit", "--data", "imagefolder:x", "--eps", "nan"])

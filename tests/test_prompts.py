@@ -103,6 +103,14 @@ def test_deep_prompts_replace_tokens_at_every_prompted_layer(tiny_clip):
         assert not torch.allclose(model.encode_image(pixels), image)
 
 
+def test_maple_depth_fits_towers_of_different_depth():
+    from capt import create_clip
+    clip = create_clip("capt-toy-vit")  # 4 vision layers, 3 text layers
+    model = PromptedCLIP(clip, MULTIMODAL)
+    assert model.config.text_depth == model.config.vision_depth == 3
+    assert model(torch.rand(2, 3, 64, 64), model.tokenize(["a", "b"])).shape == (2, 2)
+
+
 def test_maple_coupling_maps_text_prompts_to_vision_prompts(tiny_clip):
     model = PromptedCLIP(tiny_clip, MULTIMODAL)
     vision = model._vision_prompts()

@@ -118,7 +118,7 @@ def render(scene: Scene, seed: int, size: int = IMAGE_SIZE) -> Image.Image:
     rng = random.Random(seed)
     image = _background(rng, size)
     colour = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLOURS[scene.colour])
-    radius = (rng.uniform(6, 8) if scene.size == "small" else rng.uniform(12, 15)) * (size / 64)
+    radius = (rng.uniform(8, 10) if scene.size == "small" else rng.uniform(14, 17)) * (size / 64)
     if scene.count > 1:
         radius = min(radius, size / 6)
     mask = Image.new("L", (size, size), 0)
@@ -181,7 +181,7 @@ def captions(scene: Scene, rng: random.Random) -> list[str]:
 
 
 CAPTION_KINDS = ("pair", "shape", "colour", "extra")
-CAPTION_WEIGHTS = (0.3, 0.3, 0.25, 0.15)
+CAPTION_WEIGHTS = (0.25, 0.4, 0.2, 0.15)
 
 
 def sample_scene(rng: random.Random, allowed_pairs: list[tuple[str, str]]) -> Scene:
