@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .losses import LossConfig
+from .options import Options
 from .prompts import PromptConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -37,7 +38,9 @@ def parse_eps(value: Any) -> float:
 
 
 @dataclass
-class AttackConfig:
+class AttackConfig(Options):
+    SECTION = "attack"
+
     eps: float = 1 / 255
     alpha: float = 1 / 255
     steps: int = 2
@@ -45,15 +48,8 @@ class AttackConfig:
     random_start: bool = True
 
     @classmethod
-    def from_dict(cls, values: dict | None) -> "AttackConfig":
-        values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown attack option(s): {sorted(unknown)}")
-        for key in ("eps", "alpha"):
-            if key in values:
-                values[key] = parse_eps(values[key])
-        return cls(**values)
+    def _convert(cls, values: dict) -> dict:
+        return {k: parse_eps(v) if k in ("eps", "alpha") else v for k, v in values.items()}
 
 
 def load_method(name: str) -> dict:

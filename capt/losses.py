@@ -10,17 +10,21 @@ the true class (``soft``), whether the frozen CLIP is right (``hard``), or a con
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .options import Options
 
 ALPHA_MODES = ("soft", "hard", "fixed")
 CE_INPUTS = ("clean", "adv")
 
 
 @dataclass
-class LossConfig:
+class LossConfig(Options):
+    SECTION = "loss"
+
     ce_on: str = "clean"
     lam: float = 1.5
     trades: bool = True
@@ -36,16 +40,6 @@ class LossConfig:
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "LossConfig":
-        values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown loss option(s): {sorted(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def uses_adversarial_kl(self) -> bool:

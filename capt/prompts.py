@@ -20,7 +20,7 @@ into tokens at call time.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -29,12 +29,15 @@ from open_clip.transformer import text_global_pool
 from torch import nn
 
 from .models import ClipModel
+from .options import Options
 
 COUPLINGS = ("independent", "maple")
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(Options):
+    SECTION = "prompt"
+
     text_n_ctx: int = 0
     text_depth: int = 1
     vision_n_ctx: int = 0
@@ -58,16 +61,6 @@ class PromptConfig:
             raise ValueError("maple coupling maps text prompts to vision prompts layer by layer: "
                              "text and vision n_ctx and depth must be equal")
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "PromptConfig":
-        values = dict(values or {})
-        unknown = set(values) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown prompt option(s): {sorted(unknown)}")
-        return cls(**values)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class PromptedCLIP(nn.Module):

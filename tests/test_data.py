@@ -3,7 +3,6 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from capt.data import DataUnavailable, few_shot_indices, load_dataset, parse_data_spec
 from capt.models import pixel_transform

@@ -1,6 +1,5 @@
 import time
 
-import open_clip
 import pytest
 import torch
 from PIL import Image

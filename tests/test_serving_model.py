@@ -1,5 +1,4 @@
 """The service's logic in-process (serving/model.py), on the embedded default model."""
-import threading
 
 import numpy as np
 import pytest

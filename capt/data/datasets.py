@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
