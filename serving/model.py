@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,14 +23,6 @@ from export.bundle import verify_bundle
 from export.onnx_export import BASE_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, onnx_session
 
 from .images import png_base64
-
-
-def _env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def _env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
 
 
 @dataclass(frozen=True)
@@ -51,20 +43,13 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> "Limits":
-        return cls(
-            max_upload_bytes=_env_int("CAPT_MAX_UPLOAD_BYTES", cls.max_upload_bytes),
-            max_image_pixels=_env_int("CAPT_MAX_IMAGE_PIXELS", cls.max_image_pixels),
-            max_images=_env_int("CAPT_MAX_IMAGES", cls.max_images),
-            max_labels=_env_int("CAPT_MAX_LABELS", cls.max_labels),
-            max_label_chars=_env_int("CAPT_MAX_LABEL_CHARS", cls.max_label_chars),
-            max_templates=_env_int("CAPT_MAX_TEMPLATES", cls.max_templates),
-            max_top_k=_env_int("CAPT_MAX_TOP_K", cls.max_top_k),
-            max_probe_eps=_env_float("CAPT_MAX_PROBE_EPS", cls.max_probe_eps),
-            max_probe_steps=_env_int("CAPT_MAX_PROBE_STEPS", cls.max_probe_steps),
-            max_probe_restarts=_env_int("CAPT_MAX_PROBE_RESTARTS", cls.max_probe_restarts),
-            max_concurrent_probes=_env_int("CAPT_MAX_CONCURRENT_PROBES", cls.max_concurrent_probes),
-            label_cache_size=_env_int("CAPT_LABEL_CACHE_SIZE", cls.label_cache_size),
-        )
+        """Each limit from ``CAPT_<NAME>`` (e.g. ``CAPT_MAX_PROBE_EPS``) where set."""
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"CAPT_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = type(f.default)(raw)
+        return cls(**values)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,3 +103,11 @@ def test_probes_beyond_the_limit_are_refused_at_once(served):
             served.probe(toy_image(), ["a", "b"], eps=0.0)
     finally:
         served.probe_slots.release()
+
+
+def test_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CAPT_MAX_PROBE_STEPS", "7")
+    monkeypatch.setenv("CAPT_MAX_PROBE_EPS", "0.01")
+    limits = Limits.from_env()
+    assert limits.max_probe_steps == 7 and limits.max_probe_eps == 0.01
+    assert limits.max_labels == Limits().max_labels
