@@ -38,28 +38,21 @@ class ExportParityError(RuntimeError):
     """ONNX Runtime and PyTorch disagree beyond tolerance; nothing was written."""
 
 
-class ImageEncoder(nn.Module):
-    def __init__(self, model: PromptedCLIP):
+class EncoderGraph(nn.Module):
+    """One encoder of a PromptedCLIP (``"encode_image"`` or ``"encode_text"``) as a module to export."""
+
+    def __init__(self, model: PromptedCLIP, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(pixels)
-
-
-class TextEncoder(nn.Module):
-    def __init__(self, model: PromptedCLIP):
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_text(tokens)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model, self.method)(inputs)
 
 
 def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
     torch.onnx.export(module.eval(), (example,), str(path), input_names=[input_name], output_names=["embeddings"],
-                      dynamic_shapes={input_name: {0: batch}}, dynamo=True, opset_version=opset,
+                      dynamic_shapes=({0: batch},), dynamo=True, opset_version=opset,
                       external_data=False, verbose=False)
 
 
@@ -158,8 +151,8 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         size = sample_images.shape[-1]
-        _export(ImageEncoder(model), torch.rand(2, 3, size, size), "pixels", staging / IMAGE_ONNX, opset)
-        _export(TextEncoder(model), model.tokenize(labels[:1] * 2), "tokens", staging / TEXT_ONNX, opset)
+        _export(EncoderGraph(model, "encode_image"), torch.rand(2, 3, size, size), "pixels", staging / IMAGE_ONNX, opset)
+        _export(EncoderGraph(model, "encode_text"), model.tokenize(labels[:1] * 2), "tokens", staging / TEXT_ONNX, opset)
         parity = check_parity(model, staging / IMAGE_ONNX, staging / TEXT_ONNX, labels, sample_images)
         parity["sample"] = sample_name
         if parity["max_abs_diff"] > FP32_TOLERANCE or parity["top1_agreement"] < 1.0:
