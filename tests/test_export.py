@@ -116,3 +116,30 @@ def test_bundle_round_trips_through_the_bentoml_model_store(tiny_bundle):
     assert bentoml.models.get(tag).info.metadata["parity_max_abs_diff"] <= 1e-4
     with pytest.raises(ValueError, match="model name"):
         save_to_model_store(tiny_bundle[0], "../escape")
+
+
+def test_fp16_export_halves_the_graphs_and_keeps_fp32_inputs_and_outputs(tiny_bundle, tmp_path, colour_folder):
+    import onnx
+    fp32_bundle, _ = tiny_bundle
+    manifest = export_bundle(fp32_bundle, tmp_path / "fp16", sample_data=f"imagefolder:{colour_folder}:test",
+                             precision="fp16")
+    bundle = tmp_path / "fp16"
+    assert manifest["precision"] == "fp16" and manifest["parity"]["bar"]["max_abs_diff"] == 2e-3
+    graph = onnx.load(bundle / IMAGE_ONNX)
+    weight_types = {init.data_type for init in graph.graph.initializer if len(init.dims) >= 2}
+    assert weight_types == {onnx.TensorProto.FLOAT16}
+    assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    weight_bytes = lambda g: sum(len(i.raw_data) for i in g.graph.initializer)  # noqa: E731
+    assert weight_bytes(graph) < 0.55 * weight_bytes(onnx.load(fp32_bundle / IMAGE_ONNX))
+    model, _ = load_prompted_model(fp32_bundle)
+    pixels = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    image = onnx_session(bundle / IMAGE_ONNX).run(None, {"pixels": pixels.numpy()})[0]
+    with torch.no_grad():
+        diff = np.abs(image - model.encode_image(pixels).numpy()).max()
+    assert image.dtype == np.float32 and 1e-6 < diff <= 2e-3  # rounded, but close
+    assert verify_bundle(bundle) == manifest
+
+
+def test_unknown_precision_is_refused(tiny_bundle, tmp_path):
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        export_bundle(tiny_bundle[0], tmp_path / "b", precision="int4")
