@@ -163,6 +163,16 @@ class PromptedCLIP(nn.Module):
         tokens = self.tokenizer(texts, context_length=context_length - n_ctx + n_drop)
         return torch.cat([tokens[:, :1], tokens[:, 1 + n_drop:]], dim=1)
 
+    def fits_context(self, classnames: Sequence[str], template: str | None = None) -> list[bool]:
+        """Whether each label's text fits the context ``tokenize`` gives it (else it would be cut)."""
+        template = template or self.config.template
+        texts = [template.format(name) for name in classnames]
+        room = self.clip.context_length
+        if self.text_prompted:
+            room += self.n_dropped - self.config.text_n_ctx
+        wider = self.tokenizer(texts, context_length=room + 1)  # one more slot: used only by texts that overflow
+        return (wider[:, room] == 0).tolist()
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """L2-normalised text features; equals ``clip.encode_text(tokens, normalize=True)`` without prompts."""
         model = self.clip

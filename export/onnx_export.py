@@ -65,14 +65,24 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
                       external_data=False, verbose=False)
 
 
+def cuda_unavailable_reason() -> str | None:
+    """Why ONNX Runtime cannot use the CUDA provider here, or None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"this onnxruntime build ({ort.__version__}) has no CUDA provider; install onnxruntime-gpu"
+    if not torch.cuda.is_available():  # onnxruntime-gpu lists CUDA even without a GPU, then fails loudly
+        return "no CUDA device or driver is visible"
+    return None
+
+
 def onnx_session(path: str | Path, providers: Sequence[str] | None = None):
-    """An ONNX Runtime session on the first available of ``providers`` (default CUDA, then CPU).
-    onnxruntime-gpu lists the CUDA provider even where no GPU or driver is present; the session then
-    falls back to CPU, and ``session.get_providers()[0]`` says which one runs."""
+    """An ONNX Runtime session on the first usable of ``providers`` (default CUDA, then CPU);
+    ``session.get_providers()[0]`` says which one runs."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
-    if not torch.cuda.is_available():  # onnxruntime-gpu lists CUDA even without a GPU, then fails loudly
+    if cuda_unavailable_reason() is not None:
         available = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
     if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):

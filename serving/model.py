@@ -2,6 +2,7 @@
 classification with ONNX Runtime, and the PGD probe in PyTorch on the same prompted model."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -20,14 +21,18 @@ from capt.checkpoint import load_prompted_model
 from capt.models import pixel_transform
 from capt.prompts import ZeroShotClassifier
 from export.bundle import verify_bundle
-from export.onnx_export import BASE_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, onnx_session
+from export.onnx_export import BASE_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, cuda_unavailable_reason, onnx_session
 
+from .errors import Busy, ProbeTimeout, RequestError
 from .images import png_base64
+
+logger = logging.getLogger("capt.serving")
 
 
 @dataclass(frozen=True)
 class Limits:
     """Request limits; each can be set through the environment variable named in ``from_env``."""
+    max_request_bytes: int = 64 * 1024 * 1024
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images: int = 32
@@ -39,6 +44,7 @@ class Limits:
     max_probe_steps: int = 200
     max_probe_restarts: int = 5
     max_concurrent_probes: int = 2
+    max_probe_seconds: float = 30.0
     label_cache_size: int = 256
 
     @classmethod
@@ -55,12 +61,20 @@ class Limits:
         return asdict(self)
 
 
-class RequestError(ValueError):
-    """A request the server refuses (HTTP 400); the message is for the client."""
+class _Deadline(torch.nn.Module):
+    """Wraps the attacked classifier so that a probe stops at the next forward pass once its time
+    is up: the attack code stays unaware of serving budgets."""
 
+    def __init__(self, classifier: torch.nn.Module, seconds: float):
+        super().__init__()
+        self.classifier, self.seconds = classifier, seconds
+        self.deadline = time.monotonic() + seconds
 
-class Busy(RuntimeError):
-    """Too many probes at once (HTTP 429)."""
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if time.monotonic() > self.deadline:
+            raise ProbeTimeout(f"probe stopped after the limit of {self.seconds:g} s; use fewer steps, restarts "
+                               f"or no eps search")
+        return self.classifier(pixels)
 
 
 class LabelCache:
@@ -121,6 +135,11 @@ class ServingModel:
         self.image_session = onnx_session(self.bundle_dir / IMAGE_ONNX, providers)
         self.text_session = onnx_session(self.bundle_dir / TEXT_ONNX, providers)
         self.provider = self.image_session.get_providers()[0]
+        self.provider_note = None
+        if self.provider != "CUDAExecutionProvider":
+            reason = cuda_unavailable_reason() or "the CUDA provider failed to start"
+            self.provider_note = f"running on {self.provider}: {reason}"
+            logger.warning("ONNX Runtime %s", self.provider_note)
         pretrained = str(self.bundle_dir / BASE_WEIGHTS) if self.manifest.get("base_weights") else self.manifest["pretrained"]
         self.torch_model, _ = load_prompted_model(self.bundle_dir, pretrained=pretrained or "none")
         self.transform = pixel_transform(self.torch_model.preprocess_cfg)
@@ -141,10 +160,22 @@ class ServingModel:
         tokens = self.torch_model.tokenize(list(texts_or_labels), template)
         return self.text_session.run(None, {"tokens": tokens.numpy()})[0]
 
+    def check_labels_fit(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> None:
+        """Labels whose text would be cut by the tokenizer's context are refused, not truncated:
+        a truncated label silently becomes another label."""
+        used_templates = [None] if self.torch_model.config.text_n_ctx or not templates else list(templates)
+        for template in used_templates:
+            fits = self.torch_model.fits_context(labels, template)
+            if not all(fits):
+                too_long = next(label for label, ok in zip(labels, fits) if not ok)
+                raise RequestError(f"label {too_long[:60]!r}{'...' if len(too_long) > 60 else ''} is longer than the "
+                                   f"text context of {self.manifest['tokenizer']['context_length']} tokens")
+
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """[C, D] embeddings of a label set; templates are averaged CLIP-style (hand prompts only:
         with learned text prompts the learned context is the template)."""
         def compute() -> np.ndarray:
+            self.check_labels_fit(labels, templates)
             if self.torch_model.config.text_n_ctx or not templates:
                 return self.encode_texts(labels)
             stacked = np.stack([self.encode_texts(labels, t) for t in templates]).mean(0)
@@ -226,7 +257,7 @@ class ServingModel:
     def _probe(self, image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps):
         model = self.torch_model
         class_embeddings = torch.from_numpy(self.class_embeddings(labels)).float()
-        classifier = ZeroShotClassifier(model, class_embeddings)
+        classifier = _Deadline(ZeroShotClassifier(model, class_embeddings), self.limits.max_probe_seconds)
         pixels = torch.from_numpy(self.pixels([image]))
         clean_logits = classifier(pixels)[0]
         clean_index = int(clean_logits.argmax())
@@ -284,7 +315,7 @@ class ServingModel:
         return {"model": m["model"], "method": m.get("method"), "pretrained": m.get("pretrained"),
                 "prompt": m["prompt"], "image_size": m["inputs"]["image"]["shape"][-1],
                 "parity": {k: m["parity"][k] for k in ("max_abs_diff", "top1_agreement")},
-                "onnx_provider": self.provider, "limits": self.limits.to_dict(),
+                "onnx_provider": self.provider, "onnx_provider_note": self.provider_note, "limits": self.limits.to_dict(),
                 "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},
                 "probes_run": self.probes_run}
 

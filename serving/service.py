@@ -5,37 +5,41 @@ Run it with ``make serve`` (or ``bentoml serve serving.service:Classifier``). Th
 exported bundle: ``CAPT_BUNDLE`` (a folder) or ``CAPT_MODEL_TAG`` (BentoML model store tag,
 default ``capt-default:latest``). Image encoding runs in ``ImageEncoder``, a batchable service
 reached through ``bentoml.depends``, so concurrent requests share ONNX Runtime batches.
+
+Every refusal is a 4xx (or 503 for a probe past its time limit) with a JSON body ``{"error": ...}``.
 """
 from __future__ import annotations
 
 import logging
 import os
-from http import HTTPStatus
 from pathlib import Path
+from typing import Callable
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException, InvalidArgument
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.responses import JSONResponse
 
-from export.bundle import bundle_path_from_store
+from export.bundle import BundleError, bundle_path_from_store, verify_bundle
 
-from .images import ImageRejected, decode_base64_image
-from .model import Busy, Limits, RequestError, ServingModel
+from .errors import ClientError, RequestError
+from .images import decode_base64_image, read_upload
+from .middleware import BodySizeLimit, redact_request_errors
+from .model import Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
 DEFAULT_TAG = "capt-default:latest"
 
 
 def bundle_dir() -> Path:
+    """The bundle to serve, verified: a tampered or incomplete one stops the server at start with a
+    message that names the bad file."""
     if os.environ.get("CAPT_BUNDLE"):
-        return Path(os.environ["CAPT_BUNDLE"])
+        path = Path(os.environ["CAPT_BUNDLE"])
+        verify_bundle(path)
+        return path
     return bundle_path_from_store(os.environ.get("CAPT_MODEL_TAG", DEFAULT_TAG))
-
-
-class TooManyProbes(BentoMLException):
-    error_code = HTTPStatus.TOO_MANY_REQUESTS
 
 
 class ClassifyJSON(BaseModel):
@@ -47,8 +51,12 @@ class ClassifyJSON(BaseModel):
     top_k: int = 5
 
 
-def _client_error(err: Exception) -> InvalidArgument:
-    return InvalidArgument(str(err))
+def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
+    """Runs an endpoint's work; a ClientError becomes its status with ``{"error": message}``."""
+    try:
+        return work()
+    except ClientError as err:
+        return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
 @bentoml.service(name="capt-image-encoder", traffic={"timeout": 60})
@@ -65,88 +73,109 @@ class ImageEncoder:
         return self.session.run(None, {"pixels": pixels.astype(np.float32)})[0]
 
 
-@bentoml.service(name="capt", traffic={"timeout": 120, "max_concurrency": 64})
+# Sync endpoints run on a thread pool that BentoML sizes to 1 by default: one probe would then hold
+# up every classify request behind it. Probes are bounded separately (max_concurrent_probes).
+@bentoml.service(name="capt", traffic={"timeout": 120, "max_concurrency": 64}, threads=16)
 class Classifier:
     image_encoder = bentoml.depends(ImageEncoder)
 
+    @bentoml.on_deployment
+    def check_bundle() -> None:
+        """Once, before any worker starts: a bad bundle stops ``bentoml serve`` here with the file's
+        name, instead of workers failing and being restarted forever."""
+        try:
+            bundle_dir()
+        except bentoml.exceptions.NotFound as err:
+            raise SystemExit(f"refusing to serve: {err}. Export one with `capt export` or run "
+                             f"`python -m serving.prepare` for the default model.") from None
+        except BundleError as err:
+            logger.error("refusing to serve: %s", err)
+            raise SystemExit(f"refusing to serve: {err}") from None
+
     def __init__(self) -> None:
+        redact_request_errors()
         self.model = ServingModel(bundle_dir(), Limits.from_env())
-        provider = self.model.provider
-        if provider != "CUDAExecutionProvider":
-            logger.warning("ONNX Runtime runs on %s (no CUDA provider available)", provider)
         self.cache_hits = bentoml.metrics.Counter(name="capt_label_cache_hits", documentation="label-set cache hits")
         self.cache_misses = bentoml.metrics.Counter(name="capt_label_cache_misses", documentation="label-set cache misses")
         self.probes = bentoml.metrics.Counter(name="capt_probes", documentation="probes run", labelnames=["flipped"])
+        self.refusals = bentoml.metrics.Counter(name="capt_probe_refusals", documentation="probes refused",
+                                                labelnames=["reason"])
         self.probe_seconds = bentoml.metrics.Histogram(name="capt_probe_seconds", documentation="probe time",
                                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 
     def _classify(self, images: list[Image], labels: list[str], templates: list[str] | None, top_k: int) -> dict:
         hits, misses = self.model.label_cache.hits, self.model.label_cache.misses
-        try:
-            ranked = self.model.classify(images, labels, templates, top_k, encode=self.image_encoder.encode)
-        except (RequestError, ImageRejected) as err:
-            raise _client_error(err) from err
+        ranked = self.model.classify(images, labels, templates, top_k, encode=self.image_encoder.encode)
         self.cache_hits.inc(self.model.label_cache.hits - hits)
         self.cache_misses.inc(self.model.label_cache.misses - misses)
         return {"predictions": ranked, "label_cache_hit": self.model.label_cache.hits > hits}
 
-    def _decode(self, images: list[Image]) -> list[Image]:
+    def _decode(self, uploads: list[Path]) -> list[Image]:
+        """Uploads are taken as files, not as BentoML-decoded images, so that every one goes through
+        our limits (bytes, pixels, decompression bombs) before it is decoded."""
         limits = self.model.limits
-        for image in images:
-            if image.width * image.height > limits.max_image_pixels:
-                raise InvalidArgument(f"image of {image.width}x{image.height} pixels is over the limit")
-        return [image.convert("RGB") for image in images]
+        if not uploads:
+            raise RequestError("no image given")
+        if len(uploads) > limits.max_images:
+            raise RequestError(f"too many images: {len(uploads)} > {limits.max_images}")
+        return [read_upload(path, limits.max_upload_bytes, limits.max_image_pixels) for path in uploads]
 
     @bentoml.api
-    def classify(self, images: list[Image], labels: list[str], templates: list[str] | None = None, top_k: int = 5) -> dict:
+    def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None, top_k: int = 5) -> dict:
         """Multipart upload: one or more images and a label set -> labels ranked per image."""
-        return self._classify(self._decode(images), labels, templates, top_k)
+        return _answer(lambda: self._classify(self._decode(images), labels, templates, top_k))
 
     @bentoml.api
     def classify_json(self, request: ClassifyJSON) -> dict:
         """The same with base64 images in a JSON body."""
-        limits = self.model.limits
-        try:
-            images = [decode_base64_image(text, limits.max_upload_bytes, limits.max_image_pixels) for text in request.images]
-        except ImageRejected as err:
-            raise _client_error(err) from err
-        return self._classify(images, request.labels, request.templates, request.top_k)
+        def work() -> dict:
+            limits = self.model.limits
+            if len(request.images) > limits.max_images:
+                raise RequestError(f"too many images: {len(request.images)} > {limits.max_images}")
+            images = [decode_base64_image(text, limits.max_upload_bytes, limits.max_image_pixels)
+                      for text in request.images]
+            return self._classify(images, request.labels, request.templates, request.top_k)
+        return _answer(work)
 
     @bentoml.api
-    def embed_image(self, images: list[Image]) -> dict:
-        pixels = self.model.pixels(self._decode(images))
-        return {"embeddings": np.asarray(self.image_encoder.encode(pixels)).tolist()}
+    def embed_image(self, images: list[Path]) -> dict:
+        def work() -> dict:
+            pixels = self.model.pixels(self._decode(images))
+            return {"embeddings": np.asarray(self.image_encoder.encode(pixels)).tolist()}
+        return _answer(work)
 
     @bentoml.api
     def embed_text(self, labels: list[str], templates: list[str] | None = None) -> dict:
-        try:
-            return {"embeddings": self.model.class_embeddings(*_validated(labels, templates, self.model.limits)).tolist()}
-        except RequestError as err:
-            raise _client_error(err) from err
+        return _answer(lambda: {"embeddings": self.model.class_embeddings(
+            *validate_labels(labels, templates, self.model.limits)).tolist()})
 
     @bentoml.api
-    def probe(self, image: Image, labels: list[str], true_label: str | None = None, eps: float = 4 / 255,
+    def probe(self, image: Path, labels: list[str], true_label: str | None = None, eps: float = 4 / 255,
               steps: int = 10, step_size: float | None = None, restarts: int = 1, seed: int = 0,
               return_images: bool = False, search_eps: bool = False) -> dict:
         """PGD (L∞, pixel space) against the served model's prompted PyTorch twin: clean and
         adversarial predictions, margins, whether the prediction flipped and whether the
         adversarial image also fools the served ONNX graph."""
-        try:
-            result = self.model.probe(self._decode([image])[0], labels, true_label, eps, steps, step_size, restarts,
-                                      seed, return_images, search_eps)
-        except RequestError as err:
-            raise _client_error(err) from err
-        except Busy as err:
-            raise TooManyProbes(str(err)) from err
-        self.probes.labels(flipped=str(result["flipped"]).lower()).inc()
-        self.probe_seconds.observe(result["time_ms"] / 1000)
-        return result
+        def work() -> dict:
+            try:
+                result = self.model.probe(self._decode([image])[0], labels, true_label, eps, steps, step_size,
+                                          restarts, seed, return_images, search_eps)
+            except ClientError as err:
+                if err.status != 400:
+                    self.refusals.labels(reason=type(err).__name__).inc()
+                raise
+            self.probes.labels(flipped=str(result["flipped"]).lower()).inc()
+            self.probe_seconds.observe(result["time_ms"] / 1000)
+            return result
+        return _answer(work)
 
     @bentoml.api(route="/info")
     def info(self) -> dict:
         return self.model.info()
 
 
-def _validated(labels, templates, limits):
-    from .model import validate_labels
-    return validate_labels(labels, templates, limits)
+# Unknown fields are refused (400), not silently ignored: a misspelt "top_k" would otherwise pass.
+for _api in Classifier.apis.values():
+    _api.input_spec.model_config["extra"] = "forbid"
+    _api.input_spec.model_rebuild(force=True)
+Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)

@@ -143,3 +143,16 @@ def test_template_ensemble_averages_class_embeddings(tiny_clip):
         single = [model.encode_text(model.tokenize(["cat", "dog"], t)) for t in templates]
     expected = torch.nn.functional.normalize(single[0] + single[1], dim=-1)
     assert torch.allclose(ensemble, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("text_n_ctx", [0, 4])
+def test_fits_context_agrees_with_an_untruncated_token_count(tiny_clip, text_n_ctx):
+    model = PromptedCLIP(tiny_clip, PromptConfig(text_n_ctx=text_n_ctx))
+    labels = ["cat"] + ["a " * n for n in range(20, 40)]
+    # Reference: BPE tokens of the full text + start/end, minus the template words the context replaces.
+    dropped = model.n_dropped if text_n_ctx else 0
+    needed = [len(model.tokenizer.encode(model.config.template.format(label))) + 2 - dropped for label in labels]
+    room = model.tokenize(["x"]).shape[1]  # ids per label after tokenize
+    expected = [n <= room for n in needed]
+    assert model.fits_context(labels) == expected
+    assert True in expected and False in expected

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 from conftest import toy_image
-from serving.model import Busy, Limits, RequestError, ServingModel
+from serving.errors import Busy, ProbeTimeout, RequestError
+from serving.model import Limits, ServingModel
 from capt.data.toyworld import COLOURS, SHAPES, ToyWorldTask
 
 
 @pytest.fixture(scope="module")
 def served(default_bundle):
-    return ServingModel(default_bundle, Limits(max_concurrent_probes=1))
+    # No time limit that a loaded CI machine could hit; the limit has its own test below.
+    return ServingModel(default_bundle, Limits(max_concurrent_probes=1, max_probe_seconds=3600))
 
 
 def test_label_sets_are_given_per_request(served):
@@ -111,3 +113,17 @@ def test_limits_come_from_the_environment(monkeypatch):
     limits = Limits.from_env()
     assert limits.max_probe_steps == 7 and limits.max_probe_eps == 0.01
     assert limits.max_labels == Limits().max_labels
+
+
+def test_a_probe_past_its_time_limit_stops_at_the_next_forward_pass(default_bundle):
+    model = ServingModel(default_bundle, Limits(max_probe_seconds=0.0))
+    with pytest.raises(ProbeTimeout, match="limit of 0 s"):
+        model.probe(toy_image(), list(COLOURS), eps=4 / 255, steps=5)
+    assert model.probe_slots.acquire(blocking=False)  # the slot was given back
+
+
+def test_labels_longer_than_the_text_context_are_refused(served):
+    room = served.manifest["tokenizer"]["context_length"]
+    with pytest.raises(RequestError, match=f"longer than the text context of {room} tokens"):
+        served.classify([toy_image()], ["red", "very " * room + "red"])
+    assert served.classify([toy_image()], ["red", "very " * (room // 4) + "red"])  # a long one that fits
