@@ -61,3 +61,29 @@ def test_probe_with_a_large_eps_flips_the_default_model(server):
     assert result["flipped"] is True and result["margin_adversarial"] < 0
     assert result["served_onnx"]["clean"]["label"] == result["clean"]["label"]
     assert "capt_probes" in httpx.get(f"{server.url}/metrics").text
+
+
+@pytest.mark.parametrize("damage", ["tamper", "truncate"])
+def test_a_damaged_bundle_stops_the_server_naming_the_file(default_bundle, tmp_path, damage):
+    import shutil
+    from conftest import bentoml_serve
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle, bundle)
+    graph = bundle / "text_encoder.onnx"
+    data = graph.read_bytes()
+    if damage == "tamper":
+        graph.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    else:
+        graph.write_bytes(data[: len(data) // 2])
+    with bentoml_serve(bundle, tmp_path / "serve.log", ready_within=120) as running:
+        assert running.process.wait(timeout=120) != 0
+    log = running.log.read_text()
+    assert "refusing to serve" in log and "text_encoder.onnx" in log
+
+
+def test_model_names_never_become_paths_outside_the_store():
+    import bentoml
+    from export.bundle import bundle_path_from_store
+    for tag in ("../../etc/passwd", "..:latest", "/etc:latest", "capt/../../x:1"):
+        with pytest.raises((ValueError, bentoml.exceptions.BentoMLException)):
+            bundle_path_from_store(tag)

@@ -1,0 +1,362 @@
+"""Shared helpers of the benchmarks: worker subprocesses, a timing loop, the report (JSON + markdown),
+a description of the machine, the default bundle (cached) and a `bentoml serve` subprocess.
+
+Every comparison runs each side in its own process (``python -m benchmarks.<name> --worker <side>``):
+ONNX Runtime and PyTorch each keep a pool of busy-waiting threads, so two runtimes in one process
+slow each other down and the comparison measures the interference, not the runtimes. The parent
+process orchestrates (and generates HTTP load); it never runs model code itself.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = REPO_ROOT / "benchmarks"
+CACHE_DIR = BENCH_DIR / ".cache"  # exported graphs and bundles, reused between runs (gitignored)
+RESULTS_DIR = BENCH_DIR / "results"
+DEFAULT_PROMPTS = REPO_ROOT / "models" / "capt-toy" / "prompts"
+DEFAULT_WEIGHTS = REPO_ROOT / "models" / "capt-toy" / "weights.safetensors"
+
+
+# ---- worker subprocesses ------------------------------------------------------------------------
+class WorkerError(RuntimeError):
+    """A worker subprocess failed; the message holds the tail of its output."""
+
+
+def _child_env(extra: dict | None = None) -> dict:
+    # A hub lookup would hang ~46 s before failing on an offline machine.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(extra or {})}
+
+
+def run_worker(module: str, side: str, config: dict | None = None, timeout: float = 1800,
+               env: dict | None = None) -> dict:
+    """Run ``side`` of ``benchmarks.<module>`` in a fresh Python process and return its JSON result.
+    The result comes back through a file, so whatever the libraries print cannot corrupt it."""
+    with tempfile.TemporaryDirectory(prefix="capt-bench-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        command = [sys.executable, "-m", f"benchmarks.{module}", "--worker", side,
+                   "--config", json.dumps(config or {}), "--result", str(result_path)]
+        started = time.perf_counter()
+        try:
+            done = subprocess.run(command, cwd=REPO_ROOT, env=_child_env(env), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as err:
+            raise WorkerError(f"{module} worker '{side}' ran past {timeout} s") from err
+        if done.returncode != 0 or not result_path.is_file():
+            raise WorkerError(f"{module} worker '{side}' exited with {done.returncode}:\n{done.stdout[-3000:]}")
+        result = json.loads(result_path.read_text())
+    result.setdefault("worker_seconds", round(time.perf_counter() - started, 2))
+    return result
+
+
+def error_text(err: BaseException, limit: int = 300) -> str:
+    """A one-line reason for a report ("failed: ...")."""
+    text = f"{type(err).__name__}: {err}".strip().splitlines()
+    return (text[-1] if isinstance(err, WorkerError) and text else " ".join(text))[:limit]
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def time_calls(fn: Callable[[], object], warmup: int = 2, repeats: int = 10, max_seconds: float | None = None) -> dict:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls. Stops early after ``max_seconds``
+    (with at least 3 timed calls) so slow configurations do not dominate a run. The median, not the
+    mean: a 2-core machine has noisy neighbours (the OS, the load generator)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < repeats:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if max_seconds is not None and time.perf_counter() - started > max_seconds and len(times) >= 3:
+            break
+    return {"median_s": statistics.median(times), "min_s": min(times), "calls": len(times)}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty sequence."""
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, 3)
+
+
+# ---- machine --------------------------------------------------------------------------------------
+def _version(*dists: str) -> str | None:
+    for dist in dists:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
+    """Fraction of all cores busy over ``seconds`` (from /proc/stat) while this process sleeps: other
+    jobs' load. A 2-core machine with one core taken makes 2-thread PyTorch up to 10x slower."""
+    def sample() -> tuple[int, int]:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = values[3] + values[4]  # idle + iowait
+        return sum(values) - idle, sum(values)
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round((busy1 - busy0) / max(1, total1 - total0), 3)
+
+
+def machine() -> dict:
+    """What the numbers were measured on (read without importing torch in the parent)."""
+    cpu = platform.processor() or platform.machine()
+    memory_gb = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                memory_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
+    gpu = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        gpu = out.stdout.strip() or None if out.returncode == 0 else None
+    return {
+        "cpu": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        # Anything else running skews every figure here: the 1-minute load average when the report was made.
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "memory_gb": memory_gb,
+        "gpu": gpu,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": _version("torch"),
+        "onnxruntime": _version("onnxruntime-gpu", "onnxruntime"),
+        "onnx": _version("onnx"),
+        "bentoml": _version("bentoml"),
+        "numpy": _version("numpy"),
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or 0.01 <= abs(value) < 1e5:
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:,.1f}"
+        return f"{value:.3g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, title: str, columns: Sequence[str], rows: Sequence[dict], summary: dict | None = None,
+           notes: Sequence[str] = ()) -> dict:
+    """The result of one benchmark: table rows (the markdown columns name row keys), headline
+    figures in ``summary`` and free-text notes. ``run`` functions return this."""
+    return {"benchmark": name, "title": title, "columns": list(columns), "rows": list(rows),
+            "summary": summary or {}, "notes": list(notes)}
+
+
+def to_markdown(result: dict) -> str:
+    parts = [f"### {result.get('title', result['benchmark'])}"]
+    if result.get("skipped"):
+        parts.append(f"Skipped: {result['skipped']}")
+    elif result.get("error"):
+        parts.append(f"Failed: {result['error']}")
+    if result.get("rows"):
+        parts.append(markdown_table(result["rows"], result["columns"]))
+    if result.get("summary"):
+        parts.append("\n".join(f"- **{key}**: {_cell(value)}" for key, value in result["summary"].items()))
+    if result.get("notes"):
+        parts.append("\n".join(f"- {note}" for note in result["notes"]))
+    seconds = result.get("seconds")
+    parts.append(f"_{'quick' if result.get('quick') else 'full'} run, {seconds} s_" if seconds is not None else "")
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def machine_markdown(info: dict) -> str:
+    return "\n".join(f"- {key}: {value}" for key, value in info.items() if value is not None)
+
+
+def main(name: str, run: Callable[[bool], dict], workers: dict[str, Callable[[dict], dict]],
+         argv: Sequence[str] | None = None) -> int:
+    """Command line of a benchmark script: ``--quick`` / ``--output`` for people, ``--worker`` for
+    the parent's subprocesses. JSON goes to stdout, the markdown table to stderr (so
+    ``> result.json`` captures clean JSON); ``--output x.json`` also writes ``x.md``."""
+    parser = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes (a smoke run)")
+    parser.add_argument("--output", type=Path, help="also write the JSON here (and the markdown next to it, .md)")
+    parser.add_argument("--worker", choices=sorted(workers), help=argparse.SUPPRESS)
+    parser.add_argument("--config", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        result = workers[args.worker](json.loads(args.config))
+        args.result.write_text(json.dumps(result))
+        return 0
+    result = run_benchmark(name, run, args.quick)
+    result["machine"] = machine()
+    text = json.dumps(result, indent=2)
+    print(text)
+    markdown = to_markdown(result)
+    print("\n" + markdown, file=sys.stderr)
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text + "\n")
+        args.output.with_suffix(".md").write_text(f"{markdown}\nMachine:\n\n{machine_markdown(result['machine'])}\n")
+    return 0 if not result.get("error") else 1
+
+
+def run_benchmark(name: str, run: Callable[[bool], dict], quick: bool) -> dict:
+    """Run one benchmark, timing it; a failure becomes a result with ``error`` rather than a crash,
+    so `run_all` keeps the other benchmarks' figures."""
+    busy_before = cpu_busy_fraction()
+    started = time.perf_counter()
+    try:
+        result = run(quick)
+    except Exception as err:  # noqa: BLE001 - reported, not hidden
+        result = {"benchmark": name, "title": name, "columns": [], "rows": [], "error": error_text(err, 2000)}
+    result["quick"] = quick
+    result["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    result["cpu_busy_before"] = busy_before
+    if busy_before is not None and busy_before > 0.1 and result.get("rows"):
+        result.setdefault("notes", []).append(
+            f"other processes kept {busy_before:.0%} of the CPU busy just before this run: the figures are not "
+            "reliable (rerun on an idle machine)")
+    return result
+
+
+# ---- default model bundle -----------------------------------------------------------------------
+def files_digest(*paths: Path | str, extra: str = "") -> str:
+    """A short key of files' contents (and ``extra``) for cache folder names."""
+    digest = hashlib.sha256(extra.encode())
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def default_bundle(precision: str = "fp32") -> Path:
+    """The default model (models/capt-toy) exported as `make serve` exports it, cached under
+    benchmarks/.cache keyed by the prompts, the weights and the exporter's source. Exported in a
+    subprocess (~20 s) so that the parent never loads torch."""
+    key = files_digest(DEFAULT_PROMPTS / "prompts.safetensors", DEFAULT_PROMPTS / "prompt_config.json",
+                       DEFAULT_WEIGHTS, REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
+                       extra=precision)
+    bundle = CACHE_DIR / f"default-bundle-{precision}-{key}"
+    if (bundle / "manifest.json").is_file():  # export_bundle renames the folder into place only when complete
+        return bundle
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    code = ("import sys; from export import export_bundle; "
+            "export_bundle(sys.argv[1], sys.argv[2], pretrained=sys.argv[3], sample_data='toyworld_pairs::test', "
+            "precision=sys.argv[4])")
+    done = subprocess.run([sys.executable, "-c", code, str(DEFAULT_PROMPTS), str(bundle), str(DEFAULT_WEIGHTS), precision],
+                          cwd=REPO_ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise WorkerError(f"exporting the default bundle failed:\n{done.stdout[-3000:]}")
+    return bundle
+
+
+# ---- the HTTP server -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_log(url: str) -> Path:
+    """Where the log of the server at ``url`` (started by :func:`bento_server`) is kept."""
+    return CACHE_DIR / "logs" / f"serve-{url.rsplit(':', 1)[1]}.log"
+
+
+@contextlib.contextmanager
+def bento_server(bundle: Path, env: dict | None = None, ready_timeout: float = 180) -> Iterator[str]:
+    """``bentoml serve serving.service:Classifier`` on a free loopback port serving ``bundle``;
+    yields its base URL once ``/readyz`` answers 200, stops the whole process group afterwards."""
+    import httpx
+
+    port = free_port()
+    log_path = server_log(f"http://127.0.0.1:{port}")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for old in sorted(log_path.parent.glob("serve-*.log"), key=lambda p: p.stat().st_mtime)[:-20]:
+        old.unlink(missing_ok=True)  # keep the newest 20 logs
+    # BentoML's home (model store, logs) in the cache, not ~/bentoml: the bundle is given as a folder.
+    env = _child_env({"CAPT_BUNDLE": str(bundle), "BENTOML_HOME": str(CACHE_DIR / "bentoml"), **(env or {})})
+    bentoml = Path(sys.executable).with_name("bentoml")
+    with log_path.open("w") as log:
+        process = subprocess.Popen([str(bentoml), "serve", "serving.service:Classifier", "--host", "127.0.0.1",
+                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPO_ROOT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + ready_timeout
+        while True:
+            if process.poll() is not None:
+                raise WorkerError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise WorkerError(f"server not ready after {ready_timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def png_bytes(image) -> bytes:
+    import io
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def classify_form(images: Sequence[bytes], labels: Sequence[str], top_k: int = 5) -> dict:
+    """httpx keyword arguments of a multipart ``/classify`` request."""
+    return {"files": [("images", (f"{i}.png", data, "image/png")) for i, data in enumerate(images)],
+            "data": {"labels": json.dumps(list(labels)), "top_k": str(top_k)}}
+
+
+def toy_images(count: int, seed: int = 0) -> list:
+    """Toy-world test images (PIL) of the default model's world."""
+    from capt.data.toyworld import ToyWorldTask
+    task = ToyWorldTask("pairs", "test")
+    return [task[i % len(task)][0] for i in range(seed, seed + count)]
