@@ -36,6 +36,7 @@ class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images: int = 32
+    max_batch: int = 64  # images per image-encoder run, summed over concurrent requests
     max_labels: int = 1000
     max_label_chars: int = 200
     max_templates: int = 16

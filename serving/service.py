@@ -3,8 +3,9 @@ and an online PGD probe that reports how robust a prediction is.
 
 Run it with ``make serve`` (or ``bentoml serve serving.service:Classifier``). The model is an
 exported bundle: ``CAPT_BUNDLE`` (a folder) or ``CAPT_MODEL_TAG`` (BentoML model store tag,
-default ``capt-default:latest``). Image encoding runs in ``ImageEncoder``, a batchable service
-reached through ``bentoml.depends``, so concurrent requests share ONNX Runtime batches.
+default ``capt-default:latest``). Concurrent requests share ONNX Runtime batches of the image
+encoder through an in-process ``MicroBatcher`` (see ``serving/batching.py`` for why not a
+separate batchable service).
 
 Every refusal is a 4xx (or 503 for a probe past its time limit) with a JSON body ``{"error": ...}``.
 """
@@ -23,6 +24,7 @@ from starlette.responses import JSONResponse
 
 from export.bundle import BundleError, bundle_path_from_store, verify_bundle
 
+from .batching import MicroBatcher
 from .errors import ClientError, RequestError
 from .images import decode_base64_image, read_upload
 from .middleware import BodySizeLimit, redact_request_errors
@@ -59,26 +61,10 @@ def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
         return JSONResponse({"error": str(err)}, status_code=err.status)
 
 
-@bentoml.service(name="capt-image-encoder", traffic={"timeout": 60})
-class ImageEncoder:
-    """ONNX image encoder with adaptive batching across requests."""
-
-    def __init__(self) -> None:
-        from export.onnx_export import IMAGE_ONNX, onnx_session
-        self.session = onnx_session(bundle_dir() / IMAGE_ONNX)
-        logger.info("image encoder on %s", self.session.get_providers()[0])
-
-    @bentoml.api(batchable=True, max_batch_size=64, max_latency_ms=50)
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"pixels": pixels.astype(np.float32)})[0]
-
-
 # Sync endpoints run on a thread pool that BentoML sizes to 1 by default: one probe would then hold
 # up every classify request behind it. Probes are bounded separately (max_concurrent_probes).
 @bentoml.service(name="capt", traffic={"timeout": 120, "max_concurrency": 64}, threads=16)
 class Classifier:
-    image_encoder = bentoml.depends(ImageEncoder)
-
     @bentoml.on_deployment
     def check_bundle() -> None:
         """Once, before any worker starts: a bad bundle stops ``bentoml serve`` here with the file's
@@ -95,6 +81,10 @@ class Classifier:
     def __init__(self) -> None:
         redact_request_errors()
         self.model = ServingModel(bundle_dir(), Limits.from_env())
+        self.batch_sizes = bentoml.metrics.Histogram(name="capt_image_batch_size", documentation="images per encoder batch",
+                                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.encode_images = MicroBatcher(self.model.encode_images, max_batch=self.model.limits.max_batch,
+                                          on_batch=self.batch_sizes.observe, name="image-encoder")
         self.cache_hits = bentoml.metrics.Counter(name="capt_label_cache_hits", documentation="label-set cache hits")
         self.cache_misses = bentoml.metrics.Counter(name="capt_label_cache_misses", documentation="label-set cache misses")
         self.probes = bentoml.metrics.Counter(name="capt_probes", documentation="probes run", labelnames=["flipped"])
@@ -105,7 +95,7 @@ class Classifier:
 
     def _classify(self, images: list[Image], labels: list[str], templates: list[str] | None, top_k: int) -> dict:
         hits, misses = self.model.label_cache.hits, self.model.label_cache.misses
-        ranked = self.model.classify(images, labels, templates, top_k, encode=self.image_encoder.encode)
+        ranked = self.model.classify(images, labels, templates, top_k, encode=self.encode_images)
         self.cache_hits.inc(self.model.label_cache.hits - hits)
         self.cache_misses.inc(self.model.label_cache.misses - misses)
         return {"predictions": ranked, "label_cache_hit": self.model.label_cache.hits > hits}
@@ -141,7 +131,7 @@ class Classifier:
     def embed_image(self, images: list[Path]) -> dict:
         def work() -> dict:
             pixels = self.model.pixels(self._decode(images))
-            return {"embeddings": np.asarray(self.image_encoder.encode(pixels)).tolist()}
+            return {"embeddings": self.encode_images(pixels).tolist()}
         return _answer(work)
 
     @bentoml.api

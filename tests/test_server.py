@@ -41,6 +41,38 @@ def test_repeated_label_set_hits_the_cache(server):
     assert "capt_label_cache_hits" in metrics
 
 
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server):
+    """150 requests from 24 threads: more than the 100 after which BentoML 1.4.30+ used to drop the
+    inter-service connection under requests in flight (500s, before the in-process batcher)."""
+    from concurrent.futures import ThreadPoolExecutor
+    pairs = [(shape, colour) for shape in SHAPES for colour in list(COLOURS)[:3]]
+    images = {pair: toy_image(*pair) for pair in pairs}
+    expected = {pair: post_classify(server.url, [images[pair]], SHAPES).json()["predictions"][0] for pair in pairs}
+    before = _histogram(server, "capt_image_batch_size")
+    jobs = [pairs[i % len(pairs)] for i in range(150)]
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(lambda pair: post_classify(server.url, [images[pair]], SHAPES), jobs))
+    assert [a.status_code for a in answers] == [200] * len(jobs), [a.text for a in answers if a.status_code != 200][:3]
+    for pair, answer in zip(jobs, answers):
+        got = answer.json()["predictions"][0]
+        assert [p["label"] for p in got] == [p["label"] for p in expected[pair]]
+        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in expected[pair]], abs=1e-4)
+    after = _histogram(server, "capt_image_batch_size")
+    batches, images_encoded = after[0] - before[0], after[1] - before[1]
+    assert images_encoded == len(jobs)
+    assert batches < len(jobs)  # some requests shared a batch
+
+
+def _histogram(server, name) -> tuple[float, float]:
+    """(count, sum) of a Prometheus histogram from /metrics."""
+    values = {}
+    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
+        for part in ("count", "sum"):
+            if line.startswith(f"{name}_{part}"):
+                values[part] = values.get(part, 0.0) + float(line.split()[-1])
+    return values.get("count", 0.0), values.get("sum", 0.0)
+
+
 def test_base64_json_classify(server):
     body = {"images": [base64.b64encode(png_bytes(toy_image("square", "blue"))).decode()], "labels": list(COLOURS), "top_k": 1}
     response = httpx.post(f"{server.url}/classify_json", json={"request": body}, timeout=60)
