@@ -14,8 +14,6 @@ import hashlib
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+from serving.launch import Server, bentoml_serve, png_bytes  # noqa: F401 - png_bytes: the scripts' upload encoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
@@ -288,65 +288,43 @@ def default_bundle(precision: str = "fp32") -> Path:
     return bundle
 
 
+def random_bundle(model: str, labels: Sequence[str]) -> Path:
+    """A bundle of ``model`` with random CLIP weights and the prompts of benchmarks/encoder.py, for
+    speed figures of a model whose compute, not per-request overhead, dominates. Cached like
+    ``default_bundle``; exported in a subprocess (a few minutes for ViT-B-32)."""
+    key = files_digest(REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
+                       REPO_ROOT / "benchmarks" / "encoder.py", extra=model + "\n".join(labels))
+    bundle = CACHE_DIR / f"random-bundle-{model}-{key}"
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    code = ("import json, sys, tempfile\n"
+            "from benchmarks.encoder import build_model\n"
+            "from capt.checkpoint import save_checkpoint\n"
+            "from export import export_bundle\n"
+            "with tempfile.TemporaryDirectory() as tmp:\n"
+            "    checkpoint = save_checkpoint(tmp, 1, build_model(sys.argv[1]), {'method': 'random', 'classnames': json.loads(sys.argv[3])})\n"
+            "    export_bundle(checkpoint, sys.argv[2], sample_count=8)\n")
+    done = subprocess.run([sys.executable, "-c", code, model, str(bundle), json.dumps(list(labels))], cwd=REPO_ROOT,
+                          env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if done.returncode != 0:
+        raise WorkerError(f"exporting a random {model} bundle failed:\n{done.stdout[-3000:]}")
+    return bundle
+
+
 # ---- the HTTP server -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def server_log(url: str) -> Path:
-    """Where the log of the server at ``url`` (started by :func:`bento_server`) is kept."""
-    return CACHE_DIR / "logs" / f"serve-{url.rsplit(':', 1)[1]}.log"
-
-
 @contextlib.contextmanager
-def bento_server(bundle: Path, env: dict | None = None, ready_timeout: float = 180) -> Iterator[str]:
-    """``bentoml serve serving.service:Classifier`` on a free loopback port serving ``bundle``;
-    yields its base URL once ``/readyz`` answers 200, stops the whole process group afterwards."""
-    import httpx
-
-    port = free_port()
-    log_path = server_log(f"http://127.0.0.1:{port}")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    for old in sorted(log_path.parent.glob("serve-*.log"), key=lambda p: p.stat().st_mtime)[:-20]:
-        old.unlink(missing_ok=True)  # keep the newest 20 logs
-    # BentoML's home (model store, logs) in the cache, not ~/bentoml: the bundle is given as a folder.
-    env = _child_env({"CAPT_BUNDLE": str(bundle), "BENTOML_HOME": str(CACHE_DIR / "bentoml"), **(env or {})})
-    bentoml = Path(sys.executable).with_name("bentoml")
-    with log_path.open("w") as log:
-        process = subprocess.Popen([str(bentoml), "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-                                    "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   cwd=REPO_ROOT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if process.poll() is not None:
-                raise WorkerError(f"bentoml serve exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise WorkerError(f"server not ready after {ready_timeout} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def png_bytes(image) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+def bento_server(bundle: Path, env: dict | None = None, ready_timeout: float = 180) -> Iterator[Server]:
+    """``serving.launch.bentoml_serve`` of ``bundle`` with its log under benchmarks/.cache/logs (the
+    newest 20 kept) and BentoML's home in the cache, not ~/bentoml: the bundle is given as a folder."""
+    logs = CACHE_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for old in sorted(logs.glob("serve-*.log"), key=lambda p: p.stat().st_mtime)[:-19]:
+        old.unlink(missing_ok=True)
+    log = logs / f"serve-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+    with bentoml_serve(bundle, log, {**_child_env(), "BENTOML_HOME": str(CACHE_DIR / "bentoml"), **(env or {})},
+                       ready_within=ready_timeout) as server:
+        yield server
 
 
 def classify_form(images: Sequence[bytes], labels: Sequence[str], top_k: int = 5) -> dict:

@@ -45,7 +45,7 @@ def run(quick: bool) -> dict:
             raise RuntimeError(f"classify with {len(labels)} labels: {response.status_code} {response.text[:300]}")
         return elapsed, response.json()["label_cache_hit"]
 
-    with bento_server(bundle) as url, httpx.Client(base_url=url, timeout=300) as client:
+    with bento_server(bundle) as server, httpx.Client(base_url=server.url, timeout=300) as client:
         for _ in range(3):  # warm the server (first requests, image encoder) with a set measured nowhere else
             timed(client, ["warm-up a", "warm-up b", "warm-up c"])
         first = {"10": [], "1000": []}

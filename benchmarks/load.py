@@ -115,7 +115,8 @@ def run(quick: bool) -> dict:
     seconds = 10 if quick else 60
     bundle = default_bundle()
     images = [png_bytes(image) for image in toy_images(16)]
-    with bento_server(bundle) as url:
+    with bento_server(bundle) as server:
+        url = server.url
         asyncio.run(mixed_load(url, images, 4, 3, seed=99))  # warm-up: first-use costs are not growth
         rss_before = server_rss_mb(url)
         with rss_sampler(url, every=seconds / 6) as samples:

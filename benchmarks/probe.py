@@ -69,7 +69,7 @@ def probe_over_http(bundle: Path, repeats: int) -> dict:
     image = png_bytes(toy_images(1)[0])
     data = {"labels": json.dumps(_labels(bundle)), "eps": str(EPS), "steps": str(STEPS)}
     times = []
-    with bento_server(bundle) as url, httpx.Client(base_url=url, timeout=300) as client:
+    with bento_server(bundle) as server, httpx.Client(base_url=server.url, timeout=300) as client:
         for i in range(repeats + 2):  # the first two are warm-up
             started = time.perf_counter()
             response = client.post("/probe", files=[("image", ("x.png", image, "image/png"))], data=data)

@@ -51,7 +51,8 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model: PromptedCLIP, meta: 
     run_dir.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{epoch:03d}"
     tmp = run_dir / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in [tmp, *run_dir.glob(".epoch_*.deleting")]:
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     meta = {"format": FORMAT, "model": model.model_name, "pretrained": model.pretrained,
             "prompt": model.config.to_dict(), "epoch": epoch, **meta}
@@ -69,8 +70,12 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model: PromptedCLIP, meta: 
     _fsync(run_dir)
     atomic_write_text(run_dir / LATEST_FILE, name)
     epochs = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := _EPOCH_DIR.match(p.name)))
+    # Renamed before deletion: a kill mid-delete leaves a hidden folder (removed by the next save),
+    # never a half-deleted epoch_NNN that looks like a checkpoint.
     for _, old in epochs[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        doomed = run_dir / f".{old.name}.deleting"
+        os.rename(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
     return final
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from .attacks import PGD
-from .checkpoint import LATEST_FILE, read_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import LATEST_FILE, atomic_write_text, read_checkpoint, read_trainer_state, save_checkpoint
 from .config import TrainConfig
 from .data import load_dataset
 from .losses import capt_loss
@@ -142,9 +142,15 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
         config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch, config.lr, config.warmup_lr))
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, history = 0, 0, []
+    metrics_path = run_dir / "metrics.jsonl"
     if resume:
-        _, state = read_checkpoint(run_dir)
+        meta, state = read_checkpoint(run_dir)
+        # The checkpoint holds every epoch's record: metrics.jsonl is rebuilt from it, so a kill
+        # between the checkpoint and the file (or during the file's write) loses no line.
+        history = meta.get("history", [])
+        if distributed.is_main:
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         model.load_prompt_state_dict({k: v.to(device) for k, v in state.items()})
         trainer_state = read_trainer_state(run_dir)
         optimizer.load_state_dict(trainer_state["optimizer"])
@@ -160,7 +166,6 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (config.amp and device.type == "cuda") \
         else contextlib.nullcontext
     loss_cfg, attack_cfg = config.loss, config.attack
-    metrics_path = run_dir / "metrics.jsonl"
     model.train()
 
     for epoch in range(start_epoch, config.epochs):
@@ -218,14 +223,14 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
                   "world_size": distributed.world_size,
                   "rank_param_max_diff": distributed.max_param_difference(params)}
         record["images_per_s"] = round(n / max(record["seconds"], 1e-9), 2)
+        history.append(record)
         if distributed.is_main:
             meta = {"method": config.method, "classnames": data.classnames, "dataset": data.name,
-                    "attack": vars(attack_cfg), "loss": loss_cfg.to_dict(), "metrics": record}
+                    "attack": vars(attack_cfg), "loss": loss_cfg.to_dict(), "metrics": record, "history": history}
             trainer_state = {"epoch": epoch + 1, "global_step": global_step,
                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
             save_checkpoint(run_dir, epoch + 1, model, meta, trainer_state, keep=config.keep_checkpoints)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in history))
         distributed.barrier()
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
             break

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Callable
 
 import bentoml
-import numpy as np
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse

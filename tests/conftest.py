@@ -1,13 +1,5 @@
-import contextlib
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-from pathlib import Path
-from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise hang ~46 s before failing
 # The tests' own BentoML model store, set before bentoml is first imported (it reads this once).
@@ -19,6 +11,7 @@ import torch
 from PIL import Image
 
 from capt import create_clip
+from serving.launch import bentoml_serve, png_bytes  # noqa: F401 - png_bytes is the tests' helper too
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -68,52 +61,6 @@ def toy_image(shape="star", colour="red", seed=0):
     return render(Scene(shape, colour, "large", "plain", 1, "middle"), seed)
 
 
-class Server(NamedTuple):
-    url: str
-    log: Path
-    process: subprocess.Popen
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def bentoml_serve(bundle, log: Path, ready_within: float = 180, **env):
-    """A real ``bentoml serve`` of ``bundle`` on a free loopback port, stopped on exit. ``env``
-    adds variables such as ``CAPT_MAX_PROBE_SECONDS``."""
-    import httpx
-    port = free_port()
-    env = {**os.environ, "CAPT_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1", **{k: str(v) for k, v in env.items()}}
-    bentoml = Path(sys.executable).with_name("bentoml")
-    with log.open("w") as out:
-        process = subprocess.Popen([str(bentoml), "serve", "serving.service:Classifier", "--host", "127.0.0.1",
-                                    "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                   start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_within
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield Server(url, log, process)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
 # Limits lowered from their defaults so that the tests reach them quickly (and through the environment,
 # as an operator would set them).
 TEST_LIMITS = {"CAPT_MAX_PROBE_SECONDS": 4, "CAPT_MAX_UPLOAD_BYTES": 2_000_000, "CAPT_MAX_REQUEST_BYTES": 8_000_000,
@@ -123,22 +70,8 @@ TEST_LIMITS = {"CAPT_MAX_PROBE_SECONDS": 4, "CAPT_MAX_UPLOAD_BYTES": 2_000_000, 
 @pytest.fixture(scope="session")
 def server(default_bundle, tmp_path_factory):
     """One server for every HTTP test, serving the embedded default model."""
-    import httpx
-    with bentoml_serve(default_bundle, tmp_path_factory.mktemp("server") / "serve.log", **TEST_LIMITS) as running:
-        try:
-            ready = httpx.get(f"{running.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            ready = False
-        if not ready:
-            pytest.fail(f"bentoml serve did not become ready:\n{running.log.read_text()[-3000:]}")
+    with bentoml_serve(default_bundle, tmp_path_factory.mktemp("server") / "serve.log", TEST_LIMITS) as running:
         yield running
-
-
-def png_bytes(image, format="PNG", **options) -> bytes:
-    import io
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    return buffer.getvalue()
 
 
 def post_classify(url, images, labels, **fields):

@@ -138,6 +138,8 @@ def test_training_killed_mid_epoch_then_resumed_ends_with_the_same_prompts(tmp_p
     assert (killed_dir / LATEST_FILE).read_text() == "epoch_001"
     assert sorted(p.name for p in killed_dir.iterdir() if "epoch_" in p.name) == ["epoch_001"]
     assert [r["epoch"] for r in _metrics(killed_dir)] == [1]
+    # As if also killed while writing metrics.jsonl: the resumed run rebuilds it from the checkpoint.
+    (killed_dir / "metrics.jsonl").write_text('{"epoch": 1, "lo')
     assert read_trainer_state(killed_dir)["global_step"] == STEPS_PER_EPOCH < KILL_AT_STEP
 
     resumed = spawn(["-m", "capt.cli", *cli(killed_dir), "--resume"], tmp_path / "resumed.log")
@@ -167,7 +169,7 @@ BALLAST = 2_000_000  # floats (8 MB) in the trainer state, so that a save takes 
 # it. A command names where the worker stops and waits for the kill, or is "random" (keep saving).
 # Epoch e's checkpoint holds prompts, trainer-state epoch and ballast all equal to e.
 CHECKPOINT_WRITER = """
-import io, itertools, json, os, sys, time, traceback
+import io, itertools, json, os, shutil, sys, time, traceback
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
@@ -212,12 +214,20 @@ def half_written_state(obj, path):  # torch.save that dies half-way through the 
     pause("state_half_written")
 real_torch_save = torch.save
 
+def half_pruned(path, *args, **kwargs):  # dies with an old checkpoint partly deleted
+    if Path(path).name.endswith(".deleting"):
+        (Path(path) / ckpt.PROMPTS_FILE).unlink()
+        pause("mid_pruning")
+    return real_rmtree(path, *args, **kwargs)
+real_rmtree = shutil.rmtree
+
 POINTS = {
     "prompts_written": lambda: hook(ckpt, "save_file", "prompts_written", after=True),
     "state_half_written": lambda: setattr(torch, "save", half_written_state),
     "before_rename": lambda: hook(os, "rename", "before_rename"),
     "before_latest": lambda: hook(os, "replace", "before_latest"),
     "before_pruning": lambda: hook(ckpt, "atomic_write_text", "before_pruning", after=True),
+    "mid_pruning": lambda: setattr(shutil, "rmtree", half_pruned),
     "random": lambda: None,
 }
 
@@ -328,6 +338,12 @@ def test_sigkill_while_writing_a_checkpoint_never_corrupts_the_latest_one(tmp_pa
     assert kill_worker("before_pruning")["paused"] == "before_pruning"
     assert _check_latest(run_dir) == epoch + 1
     epoch += 1
+    # ... and half-way through deleting an old checkpoint: no epoch_NNN folder is left incomplete.
+    assert kill_worker("mid_pruning")["paused"] == "mid_pruning"
+    assert _check_latest(run_dir) == epoch + 1
+    epoch += 1
+    epochs = [p for p in run_dir.iterdir() if re.fullmatch(r"epoch_\d{3}", p.name)]
+    assert epochs and all((p / PROMPTS_FILE).is_file() for p in epochs)
 
     # Killed at random moments of saving epoch after epoch.
     rng = random.Random(0)
