@@ -162,7 +162,7 @@ def worker_ort(config: dict) -> dict:
     from export.onnx_export import onnx_session
     results = {"models": {}}
     for name, spec in config["models"].items():
-        session = onnx_session(spec["path"], config.get("providers", ["CPUExecutionProvider"]))
+        session = onnx_session(spec["path"], config.get("providers", ["CPUExecutionProvider"]), spinning=True)
         size = spec["size"]
         provider = session.get_providers()[0]
         entry = {"provider": provider, "provider_options": session.get_provider_options().get(provider, {}), "batches": {}}

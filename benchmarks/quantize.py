@@ -89,7 +89,7 @@ def worker_ort(config: dict) -> dict:
     class_embeddings = text.run(None, {"tokens": arrays["tokens"]})[0]
     results = {}
     for variant, path in config["graphs"].items():
-        session = onnx_session(path, ["CPUExecutionProvider"])
+        session = onnx_session(path, ["CPUExecutionProvider"], spinning=True)
         entry = {"throughput": {}, "predictions": {}}
         for batch in config["batches"]:
             pixels = arrays["clean"][:batch]

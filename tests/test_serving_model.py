@@ -59,7 +59,8 @@ def test_onnx_and_pytorch_agree_on_clean_images(served):
 def test_probe_with_zero_eps_never_flips(served):
     result = served.probe(toy_image(), ["red star", "blue star", "red circle"], eps=0.0, steps=10)
     assert not result["flipped"] and result["linf_distance"] == 0.0
-    assert result["margin_clean"] == pytest.approx(result["margin_adversarial"])
+    # The clean logits come from a gradient-tracking forward, which may take other kernels: 1e-5.
+    assert result["margin_clean"] == pytest.approx(result["margin_adversarial"], abs=1e-5)
     assert result["sanity"]["attack_did_nothing"]
 
 
