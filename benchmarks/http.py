@@ -58,7 +58,12 @@ async def load(url: str, images: list[bytes], labels: list[str], concurrency: in
             n = index
             while time.perf_counter() < deadline:
                 t0 = time.perf_counter()
-                response = await client.post(f"{url}/classify", **classify_form([images[n % len(images)]], labels))
+                try:
+                    response = await client.post(f"{url}/classify", **classify_form([images[n % len(images)]], labels))
+                except httpx.HTTPError as err:  # a dropped connection is a failed request, not the end of the run
+                    errors.append(f"connection: {type(err).__name__}: {err}"[:200])
+                    n += concurrency
+                    continue
                 if response.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:

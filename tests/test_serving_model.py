@@ -128,3 +128,20 @@ def test_labels_longer_than_the_text_context_are_refused(served):
     with pytest.raises(RequestError, match=f"longer than the text context of {room} tokens"):
         served.classify([toy_image()], ["red", "very " * room + "red"])
     assert served.classify([toy_image()], ["red", "very " * (room // 4) + "red"])  # a long one that fits
+
+
+def test_a_probe_on_one_thread_runs_on_one_thread_and_finds_the_same_attack(default_bundle, served):
+    import threading
+    one_thread = ServingModel(default_bundle, Limits(probe_threads=1, max_probe_seconds=3600))
+    seen = {}
+
+    def probe_in_a_worker_thread():  # as the server runs it; OpenMP's thread count is per calling thread
+        seen["result"] = one_thread.probe(toy_image(), list(COLOURS), eps=4 / 255, steps=5)
+        seen["threads"] = torch.get_num_threads()
+    worker = threading.Thread(target=probe_in_a_worker_thread)
+    worker.start()
+    worker.join()
+    reference = served.probe(toy_image(), list(COLOURS), eps=4 / 255, steps=5)
+    assert seen["threads"] == 1
+    assert seen["result"]["adversarial"]["label"] == reference["adversarial"]["label"]
+    assert seen["result"]["margin_adversarial"] == pytest.approx(reference["margin_adversarial"], abs=1e-4)
