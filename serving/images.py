@@ -30,7 +30,9 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
             image = ImageOps.exif_transpose(image)
     except ImageRejected:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+    except UnidentifiedImageError as err:  # PIL's message names an internal buffer object: not for clients
+        raise ImageRejected("not a readable image: no image format recognised") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageRejected(f"not a readable image: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
         raise ImageRejected(f"corrupt or truncated image: {err}") from err

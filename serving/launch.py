@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -52,10 +54,14 @@ def bentoml_serve(bundle: str | Path, log: Path, env: dict | None = None, ready_
                   check: bool = True) -> Iterator[Server]:
     """Serve ``bundle`` (``CAPT_BUNDLE``) with ``env`` added to this process's environment (e.g.
     ``CAPT_MAX_PROBE_SECONDS``), writing its output to ``log``. Yields once ``/readyz`` answers 200.
+    Each server gets a BentoML home of its own unless ``env`` names one: two servers sharing a home
+    share its Prometheus folder, and a starting server wipes the metrics of a running one.
     With ``check`` (the default) a server that exits or is not ready within ``ready_within`` seconds
     raises ServerNotReady; without it, the Server is yielded anyway for the caller to inspect."""
     port = free_port()
+    own_home = None if "BENTOML_HOME" in (env or {}) else tempfile.mkdtemp(prefix="capt-serve-home-")
     env = {**os.environ, "CAPT_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
+           **({"BENTOML_HOME": own_home} if own_home else {}),
            **{key: str(value) for key, value in (env or {}).items()}}
     bentoml = Path(sys.executable).with_name("bentoml")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -83,3 +89,5 @@ def bentoml_serve(bundle: str | Path, log: Path, env: dict | None = None, ready_
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+        if own_home:
+            shutil.rmtree(own_home, ignore_errors=True)

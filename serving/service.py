@@ -26,7 +26,7 @@ from export.bundle import BundleError, bundle_path_from_store, verify_bundle
 from .batching import MicroBatcher
 from .errors import ClientError, RequestError
 from .images import decode_base64_image, read_upload
-from .middleware import BodySizeLimit, redact_request_errors
+from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipart, redact_request_errors
 from .model import Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
@@ -168,3 +168,5 @@ for _api in Classifier.apis.values():
     _api.input_spec.model_config["extra"] = "forbid"
     _api.input_spec.model_rebuild(force=True)
 Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
+Classifier.add_asgi_middleware(MultipartBoundaryRequired)
+harden_multipart()
