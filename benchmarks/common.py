@@ -275,17 +275,10 @@ def default_bundle(precision: str = "fp32") -> Path:
                        DEFAULT_WEIGHTS, REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
                        extra=precision)
     bundle = CACHE_DIR / f"default-bundle-{precision}-{key}"
-    if (bundle / "manifest.json").is_file():  # export_bundle renames the folder into place only when complete
-        return bundle
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     code = ("import sys; from export import export_bundle; "
             "export_bundle(sys.argv[1], sys.argv[2], pretrained=sys.argv[3], sample_data='toyworld_pairs::test', "
             "precision=sys.argv[4])")
-    done = subprocess.run([sys.executable, "-c", code, str(DEFAULT_PROMPTS), str(bundle), str(DEFAULT_WEIGHTS), precision],
-                          cwd=REPO_ROOT, env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise WorkerError(f"exporting the default bundle failed:\n{done.stdout[-3000:]}")
-    return bundle
+    return _export_once(bundle, code, [str(DEFAULT_PROMPTS), str(bundle), str(DEFAULT_WEIGHTS), precision])
 
 
 def random_bundle(model: str, labels: Sequence[str]) -> Path:
@@ -295,9 +288,6 @@ def random_bundle(model: str, labels: Sequence[str]) -> Path:
     key = files_digest(REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
                        REPO_ROOT / "benchmarks" / "encoder.py", extra=model + "\n".join(labels))
     bundle = CACHE_DIR / f"random-bundle-{model}-{key}"
-    if (bundle / "manifest.json").is_file():
-        return bundle
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
     code = ("import json, sys, tempfile\n"
             "from benchmarks.encoder import build_model\n"
             "from capt.checkpoint import save_checkpoint\n"
@@ -305,10 +295,20 @@ def random_bundle(model: str, labels: Sequence[str]) -> Path:
             "with tempfile.TemporaryDirectory() as tmp:\n"
             "    checkpoint = save_checkpoint(tmp, 1, build_model(sys.argv[1]), {'method': 'random', 'classnames': json.loads(sys.argv[3])})\n"
             "    export_bundle(checkpoint, sys.argv[2], sample_count=8)\n")
-    done = subprocess.run([sys.executable, "-c", code, model, str(bundle), json.dumps(list(labels))], cwd=REPO_ROOT,
-                          env=_child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return _export_once(bundle, code, [model, str(bundle), json.dumps(list(labels))])
+
+
+def _export_once(bundle: Path, code: str, args: list[str]) -> Path:
+    """``bundle``, exported by running ``code`` with ``args`` in a subprocess (so that the parent
+    never loads torch) unless it is already there: export_bundle renames the folder into place only
+    when complete, so a manifest means a finished bundle."""
+    if (bundle / "manifest.json").is_file():
+        return bundle
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, env=_child_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if done.returncode != 0:
-        raise WorkerError(f"exporting a random {model} bundle failed:\n{done.stdout[-3000:]}")
+        raise WorkerError(f"exporting {bundle.name} failed:\n{done.stdout[-3000:]}")
     return bundle
 
 

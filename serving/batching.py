@@ -38,14 +38,10 @@ class MicroBatcher:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.encode, self.max_batch, self.on_batch = encode, max_batch, on_batch
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._closed = False
-        self._worker = threading.Thread(target=self._run, name=name, daemon=True)
-        self._worker.start()
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()  # lives as long as the server
 
     def __call__(self, inputs: np.ndarray) -> np.ndarray:
-        if self._closed:
-            raise RuntimeError("the batcher is closed")
         job = _Job(np.asarray(inputs))
         self._jobs.put(job)
         job.done.wait()
@@ -53,34 +49,20 @@ class MicroBatcher:
             raise job.error
         return job.output
 
-    def close(self) -> None:
-        """Finishes the jobs already queued, then stops the worker."""
-        self._closed = True
-        self._jobs.put(None)
-        self._worker.join()
-
-    def _next_batch(self) -> tuple[list[_Job], bool]:
-        first = self._jobs.get()
-        if first is None:
-            return [], True
-        jobs, rows = [first], len(first.inputs)
+    def _next_batch(self) -> list[_Job]:
+        jobs = [self._jobs.get()]
+        rows = len(jobs[0].inputs)
         while rows < self.max_batch:
             try:
-                job = self._jobs.get_nowait()
+                jobs.append(self._jobs.get_nowait())
             except queue.Empty:
                 break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-            rows += len(job.inputs)
-        return jobs, False
+            rows += len(jobs[-1].inputs)
+        return jobs
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            jobs, stop = self._next_batch()
-            if not jobs:
-                continue
+        while True:
+            jobs = self._next_batch()
             try:
                 inputs = jobs[0].inputs if len(jobs) == 1 else np.concatenate([job.inputs for job in jobs])
                 if self.on_batch is not None:

@@ -48,7 +48,7 @@ class Limits:
     max_probe_seconds: float = 30.0
     # PyTorch threads for a probe; 0 = PyTorch's default. Probes run on the server's worker threads,
     # where OpenMP teams measured slower than on a main thread: on 2 cores, 1 thread made a 10-step
-    # probe of the default model 1.4-1.7x faster. Large models on many cores want the default.
+    # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
     label_cache_size: int = 256
 
@@ -130,8 +130,8 @@ def validate_labels(labels: Sequence[str], templates: Sequence[str] | None, limi
 
 
 class ServingModel:
-    """A verified bundle, loaded for serving. ``encode_images`` may be replaced by a batched remote
-    encoder (the BentoML dependency); by default the local ONNX session runs it."""
+    """A verified bundle, loaded for serving. ``classify`` takes an ``encode`` function (the service
+    passes its cross-request batcher); by default the local ONNX session runs it."""
 
     def __init__(self, bundle_dir: str | Path, limits: Limits | None = None, providers: Sequence[str] | None = None):
         self.bundle_dir = Path(bundle_dir)
@@ -269,7 +269,7 @@ class ServingModel:
         classifier = _Deadline(ZeroShotClassifier(model, class_embeddings), self.limits.max_probe_seconds)
         pixels = torch.from_numpy(self.pixels([image]))
         # One forward+backward gives the clean prediction and the gradient sanity check: the probe
-        # costs this pass, the attack's steps and one forward, about 1.2x the steps alone.
+        # costs this pass, the attack's steps and one forward of the adversarial image.
         with torch.enable_grad():
             probe_input = pixels.clone().requires_grad_(True)
             logits = classifier(probe_input)

@@ -59,7 +59,6 @@ def test_each_caller_gets_its_own_rows_and_waiting_callers_share_one_batch():
         np.testing.assert_array_equal(got, given * 2)
     np.testing.assert_array_equal(first[1][0], np.full((1, 3), -2.0))
     assert encoder.batches == [1, 7]
-    batcher.close()
 
 
 def test_a_batch_stops_at_max_batch_rows_without_splitting_a_job():
@@ -75,7 +74,6 @@ def test_a_batch_stops_at_max_batch_rows_without_splitting_a_job():
         thread.join(timeout=10)
     assert errors == [None] * 3
     assert encoder.batches == [1, 6, 3]  # 3+3 passes 4 rows: the batch closes; the third job runs next
-    batcher.close()
 
 
 def test_an_encoder_error_reaches_every_caller_of_that_batch_and_the_batcher_goes_on():
@@ -91,16 +89,12 @@ def test_an_encoder_error_reaches_every_caller_of_that_batch_and_the_batcher_goe
     with pytest.raises(ValueError, match="bad batch"):
         batcher(np.zeros((2, 2)))
     np.testing.assert_array_equal(batcher(np.zeros((1, 2))), np.ones((1, 2)))
-    batcher.close()
-    with pytest.raises(RuntimeError, match="closed"):
-        batcher(np.zeros((1, 2)))
 
 
 def test_an_encoder_that_drops_rows_is_an_error_not_a_misaligned_answer():
     batcher = MicroBatcher(lambda inputs: inputs[:-1])
     with pytest.raises(RuntimeError, match="returned 1 rows for 2 inputs"):
         batcher(np.zeros((2, 2)))
-    batcher.close()
 
 
 def test_on_batch_is_told_each_batch_size():
@@ -108,5 +102,4 @@ def test_on_batch_is_told_each_batch_size():
     batcher = MicroBatcher(lambda inputs: inputs, on_batch=sizes.append)
     batcher(np.zeros((5, 1)))
     batcher(np.zeros((2, 1)))
-    batcher.close()
     assert sizes == [5, 2]
