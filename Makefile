@@ -26,7 +26,7 @@ serve: install
 	HF_HUB_OFFLINE=1 $(PY) -m serving.prepare
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
-# Rebuilds the embedded default model from scratch (seeded; ~15 min pretraining + ~2 min tuning on 2 cores).
+# Rebuilds the embedded default model from scratch (seeded; ~13 min pretraining + ~2 min tuning on 2 idle cores).
 default-model: install
 	rm -rf models/capt-toy/pretrain_state runs/capt-default
 	HF_HUB_OFFLINE=1 $(VENV)/bin/capt pretrain --output models/capt-toy --no-progress

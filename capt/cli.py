@@ -70,7 +70,8 @@ def _pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
     values = {k: v for k, v in {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-                                "seed": args.seed, "fashion_root": args.fashion_root}.items() if v is not None}
+                                "seed": args.seed, "fashion_root": args.fashion_root, "loss": args.loss}.items()
+              if v is not None}
     weights = pretrain(PretrainConfig(**values), args.output, resume=args.resume, progress=not args.no_progress)
     print(f"weights in {weights}")
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="pretrained tag or local file (overrides the checkpoint's)")
     p.add_argument("--data", action="append", required=True,
                    help="dataset spec name:root[:split], repeatable (e.g. imagefolder:data/test, cifar10:/data:test)")
-    p.add_argument("--eps", type=parse_eps, nargs="+", default=[1 / 255, 4 / 255], help="e.g. 1/255 4/255")
+    p.add_argument("--eps", type=parse_eps, nargs="*", default=[1 / 255, 4 / 255], help="e.g. 1/255 4/255; none for clean accuracy only")
     p.add_argument("--steps", type=int, default=100, help="PGD steps (step size eps/4)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-samples", type=int, help="evaluate a seeded random subset of this size")
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--fashion-root", help="Fashion-MNIST idx files ('' to leave them out)")
+    p.add_argument("--loss", choices=["multi_positive", "clip"],
+                   help="multi_positive (default): a caption is a positive for every image in the batch it is true of; "
+                        "clip: open_clip's ClipLoss, one positive each")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_pretrain)

@@ -1,6 +1,14 @@
-"""Contrastive CLIP pretraining (open_clip's ``ClipLoss``) of a small CLIP on the toy world and,
-when present, Fashion-MNIST captioned from templates. This is how the embedded default model is
-made; see ``capt pretrain --help`` and the README for the exact command.
+"""Contrastive CLIP pretraining of a small CLIP on the toy world and, when present, Fashion-MNIST
+captioned from templates. This is how the embedded default model is made; see ``capt pretrain --help``
+and the README for the exact command.
+
+The loss is CLIP's symmetric InfoNCE with one change, ``loss="multi_positive"`` (the default): a
+caption counts as a positive for every image in the batch it is true of, not only for its own image
+(the generator knows what each caption asserts and what each image shows). With a small vocabulary of
+captions, a batch of 128 holds several images of "a star"; plain CLIP (``loss="clip"``, open_clip's
+``ClipLoss``) pushes them apart as negatives, which is label noise exactly where shapes are learnt.
+This is the image-text-label contrastive loss of UniCL (Yang et al., CVPR 2022); with one positive per
+row it is open_clip's loss.
 
 Checkpoints (weights as safetensors, optimiser state read back with ``weights_only``) are written
 atomically every ``checkpoint_every`` steps, and ``--resume`` continues a run.
@@ -16,8 +24,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
@@ -30,16 +40,26 @@ from .models import create_clip
 @dataclass
 class PretrainConfig:
     model: str = "capt-toy-vit"
-    steps: int = 1700
-    batch_size: int = 64
+    steps: int = 850
+    batch_size: int = 128
+    loss: str = "multi_positive"
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     seed: int = 0
     held_out_fraction: float = 0.2
+    draw_held_out: bool = True  # False: held-out pairs are never drawn either, not only never captioned
     fashion_fraction: float = 0.1
     fashion_root: str | None = "/usr/share/datasets/fashion-mnist"
     checkpoint_every: int = 250
+    data_workers: int = 1  # processes that render the next batches while this one trains
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got '{self.loss}'")
+
+
+LOSSES = ("multi_positive", "clip")
 
 
 FASHION_CAPTIONS = ["a photo of a {}.", "a black and white photo of a {}.", "a {}.", "a picture of a {}.",
@@ -47,16 +67,18 @@ FASHION_CAPTIONS = ["a photo of a {}.", "a black and white photo of a {}.", "a {
 
 
 class CaptionStream:
-    """The ``i``-th (pixels, caption) of the pretraining corpus, a pure function of ``i`` and the seed."""
+    """The ``i``-th (pixels, caption, facts of the image, claims of the caption) of the pretraining
+    corpus, a pure function of ``i`` and the seed. A caption is true of an image whose facts include
+    its claims."""
 
     def __init__(self, config: PretrainConfig, image_size: int):
         self.config, self.image_size = config, image_size
-        self.held_out = held_out_pairs(config.held_out_fraction, seed=config.seed)
+        self.held_out = held_out_pairs(config.held_out_fraction)  # the evaluation split's, whatever the seed
         self.fashion = None
         if config.fashion_fraction > 0 and config.fashion_root and os.path.isdir(config.fashion_root):
             self.fashion = fashion_mnist_arrays(config.fashion_root, "train")
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, str, frozenset, frozenset]:
         rng = random.Random(self.config.seed * 7_919 + index)
         if self.fashion is not None and rng.random() < self.config.fashion_fraction:
             images, labels = self.fashion
@@ -64,11 +86,45 @@ class CaptionStream:
             from PIL import Image
             image = Image.fromarray(images[i]).convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
             caption = rng.choice(FASHION_CAPTIONS).format(FASHION_MNIST_CLASSNAMES[labels[i]].lower())
-            return to_tensor(image), caption
-        image, caption = caption_sample(index, self.config.seed, self.held_out)
+            facts = frozenset({("fashion", int(labels[i]))})
+            return to_tensor(image), caption, facts, facts
+        image, caption, facts = caption_sample(index, self.config.seed, self.held_out, self.config.draw_held_out)
         if image.size[0] != self.image_size:
             image = image.resize((self.image_size, self.image_size))
-        return to_tensor(image), caption
+        return to_tensor(image), caption.text, facts, caption.claims
+
+
+class PretrainBatches(Dataset):
+    """Step ``first_step + k``'s batch: pixels in [0, 1], tokens and the caption truth matrix."""
+
+    def __init__(self, stream: CaptionStream, tokenizer, batch_size: int, first_step: int, last_step: int):
+        self.stream, self.tokenizer, self.batch_size = stream, tokenizer, batch_size
+        self.first_step, self.last_step = first_step, last_step
+
+    def __len__(self) -> int:
+        return self.last_step - self.first_step
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        start = (self.first_step + k) * self.batch_size
+        samples = [self.stream[start + j] for j in range(self.batch_size)]
+        return (torch.stack([s[0] for s in samples]), self.tokenizer([s[1] for s in samples]),
+                caption_truth([s[2] for s in samples], [s[3] for s in samples]))
+
+
+def caption_truth(facts: list[frozenset], claims: list[frozenset]) -> torch.Tensor:
+    """``truth[i, j]``: caption ``j`` is true of image ``i``."""
+    return torch.tensor([[claim <= fact for claim in claims] for fact in facts], dtype=torch.bool)
+
+
+def multi_positive_clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                             truth: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy of CLIP's logits against targets spread evenly over the true pairs:
+    each image over the captions true of it, each caption over the images it is true of."""
+    logits_per_image = logit_scale * image_features @ text_features.T
+    truth = truth.to(logits_per_image.dtype)
+    image_targets = truth / truth.sum(1, keepdim=True)
+    text_targets = truth.T / truth.T.sum(1, keepdim=True)
+    return (F.cross_entropy(logits_per_image, image_targets) + F.cross_entropy(logits_per_image.T, text_targets)) / 2
 
 
 def _lr_factor(step: int, config: PretrainConfig) -> float:
@@ -93,7 +149,8 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
     torch.manual_seed(config.seed)
     clip = create_clip(config.model, None)
     model = clip.model.train().requires_grad_(True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(_parameter_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.98),
+                                  eps=1e-6, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     start = 0
     if resume and state_dir.exists():
@@ -102,22 +159,27 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start = state["step"]
-    stream = CaptionStream(config, clip.image_size)
+    batches = PretrainBatches(CaptionStream(config, clip.image_size), clip.tokenizer, config.batch_size, start,
+                              config.steps)
+    loader = DataLoader(batches, batch_size=None, num_workers=config.data_workers,
+                        prefetch_factor=4 if config.data_workers else None)
     mean = torch.tensor(clip.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(clip.preprocess_cfg["std"]).view(1, 3, 1, 1)
-    loss_fn = ClipLoss()
+    clip_loss = ClipLoss()
     output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "pretrain_metrics.jsonl"
+    if start == 0:
+        log.unlink(missing_ok=True)  # a rebuild into the folder of a finished run starts a new log
     started = time.perf_counter()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="pretrain", disable=not progress,
-               dynamic_ncols=True)
-    for step in bar:
-        batch = [stream[step * config.batch_size + j] for j in range(config.batch_size)]
-        pixels = torch.stack([b[0] for b in batch])
-        tokens = clip.tokenizer([b[1] for b in batch])
+    bar = tqdm(zip(range(start, config.steps), loader), initial=start, total=config.steps, desc="pretrain",
+               disable=not progress, dynamic_ncols=True)
+    for step, (pixels, tokens, truth) in bar:
         image_features = model.encode_image((pixels - mean) / std, normalize=True)
         text_features = model.encode_text(tokens, normalize=True)
-        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+        if config.loss == "clip":
+            loss = clip_loss(image_features, text_features, model.logit_scale.exp())
+        else:
+            loss = multi_positive_clip_loss(image_features, text_features, model.logit_scale.exp(), truth)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -135,6 +197,16 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
     save_weights_fp16(model, weights)
     atomic_write_text(output_dir / "pretrain_config.json", json.dumps(asdict(config), indent=2))
     return weights
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """As open_clip's training script: no weight decay on gains, biases and the temperature (decaying
+    ``logit_scale`` pulls it towards 1 and flattens the logits)."""
+    decayed, kept = [], []
+    for name, parameter in model.named_parameters():
+        exempt = parameter.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+        (kept if exempt else decayed).append(parameter)
+    return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
 
 
 def _save_state(state_dir: Path, model, optimizer, scheduler, step: int) -> None:

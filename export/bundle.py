@@ -57,8 +57,9 @@ def verify_bundle(bundle_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def save_to_model_store(bundle_dir: str | Path, name: str) -> str:
-    """Copy a verified bundle into the BentoML model store; returns the model tag."""
+def save_to_model_store(bundle_dir: str | Path, name: str, metadata: dict | None = None) -> str:
+    """Copy a verified bundle into the BentoML model store; returns the model tag. ``metadata`` is
+    recorded beside the manifest's summary."""
     import bentoml
 
     if not _MODEL_NAME.match(name):
@@ -69,6 +70,7 @@ def save_to_model_store(bundle_dir: str | Path, name: str) -> str:
                for key in ("format", "model", "pretrained", "method", "opset", "precision")}
     summary["parity_max_abs_diff"] = manifest["parity"]["max_abs_diff"]
     summary["files"] = manifest["files"]
+    summary.update(metadata or {})
     with bentoml.models.create(name, module="export", labels={"format": "onnx"}, metadata=summary) as model_ref:
         for file in [MANIFEST, *manifest["files"]]:
             shutil.copy2(Path(bundle_dir) / file, Path(model_ref.path) / file)

@@ -2,9 +2,9 @@
 
 Each image holds one to three copies of one object (a shape in a colour, with a size, a texture and a
 position) on a varied background, and comes with several truthful captions built from templates.
-A set of colour x shape pairs is held out of training altogether (never drawn, never captioned), so
-zero-shot accuracy on them measures composition, not memory: each held-out colour and shape is seen
-with other partners. Everything is a function of a seed, so the world is reproducible and images can
+A set of colour x shape pairs is never captioned together in pretraining (see ``caption_sample``), so
+zero-shot accuracy on them measures composition, not memory: each held-out colour and shape is
+captioned with other partners. Everything is a function of a seed, so the world is reproducible and images can
 be drawn on the fly.
 """
 from __future__ import annotations
@@ -151,37 +151,69 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
-def captions(scene: Scene, rng: random.Random) -> list[str]:
-    """Several truthful captions of a scene. Shape-only and colour-only captions are frequent on
-    purpose: without them a small CLIP learns shapes only through colour-shape pairs."""
-    shape, colour, n = scene.shape, scene.colour, scene.count
+Facts = frozenset  # of (attribute, value) pairs
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A caption and what it asserts: it is true of any image whose facts include its ``claims``,
+    which is how pretraining knows that "a star" also describes the other star images in a batch."""
+
+    text: str
+    claims: Facts
+
+
+def scene_facts(scene: Scene) -> Facts:
+    return frozenset({("shape", scene.shape), ("colour", scene.colour), ("size", scene.size),
+                      ("texture", scene.texture), ("count", scene.count), ("position", scene.position)})
+
+
+def captions(scene: Scene, rng: random.Random) -> list[Caption]:
+    """One truthful caption of each kind in ``CAPTION_KINDS``. Shape-only and colour-only captions are
+    frequent on purpose: without them a small CLIP learns shapes only through colour-shape pairs."""
+    shape, colour, n, size, texture = scene.shape, scene.colour, scene.count, scene.size, scene.texture
     noun = shape if n == 1 else _plural(shape)
     article = "an" if colour[0] in "aeiou" else "a"
     det = article if n == 1 else COUNT_WORDS[n]
     det_shape = ("an" if shape[0] in "aeiou" else "a") if n == 1 else COUNT_WORDS[n]
-    extras = []
-    if scene.size == "large" or scene.size == "small":
-        extras.append(f"{'a' if n == 1 else COUNT_WORDS[n]} {scene.size} {colour} {noun}")
-    if scene.texture != "plain":
-        extras.append(f"{'a' if n == 1 else COUNT_WORDS[n]} {scene.texture} {colour} {noun}")
-        extras.append(f"{'a' if n == 1 else COUNT_WORDS[n]} {scene.texture} {noun}")
+    a_or_count = "a" if n == 1 else COUNT_WORDS[n]
+    # "a star" is true of an image of two stars as well; only number words claim a count
+    counted = {("count", n)} if n > 1 else set()
+
+    def caption(text: str, *claims: tuple[str, object]) -> Caption:
+        return Caption(text, frozenset(claims))
+
+    extras = [caption(f"{a_or_count} {size} {colour} {noun}", *counted, ("size", size), ("colour", colour), ("shape", shape))]
+    if texture != "plain":
+        extras.append(caption(f"{a_or_count} {texture} {colour} {noun}", *counted, ("texture", texture),
+                              ("colour", colour), ("shape", shape)))
+        extras.append(caption(f"{a_or_count} {texture} {noun}", *counted, ("texture", texture), ("shape", shape)))
     if n == 1 and scene.position != "middle":
-        extras.append(f"{det} {colour} {noun} on the {scene.position}")
+        extras.append(caption(f"{det} {colour} {noun} on the {scene.position}", *counted, ("colour", colour),
+                              ("shape", shape), ("position", scene.position)))
     if n > 1:
-        extras.append(f"{COUNT_WORDS[n]} {noun}")
+        extras.append(caption(f"{COUNT_WORDS[n]} {noun}", *counted, ("shape", shape)))
+    pair = caption(f"{det} {colour} {noun}", *counted, ("colour", colour), ("shape", shape))
     phrases = {
-        "pair": [f"{det} {colour} {noun}", f"{det} {colour} {noun}"],
-        "shape": [f"{det_shape} {noun}", f"{det_shape} {noun}", f"the shape of {'a' if shape[0] not in 'aeiou' else 'an'} {shape}"],
-        "colour": [f"{article} {colour} object" if n == 1 else f"{COUNT_WORDS[n]} {colour} objects",
-                   f"something {colour}", f"the colour {colour}"],
-        "extra": extras or [f"{det} {colour} {noun}"],
+        "pair": [pair],
+        "shape": [caption(f"{det_shape} {noun}", *counted, ("shape", shape)),
+                  caption(f"the shape of {'an' if shape[0] in 'aeiou' else 'a'} {shape}", ("shape", shape))],
+        "colour": [caption(f"{article} {colour} object" if n == 1 else f"{COUNT_WORDS[n]} {colour} objects",
+                           *counted, ("colour", colour)),
+                   caption(f"something {colour}", ("colour", colour)),
+                   caption(f"the colour {colour}", ("colour", colour))],
+        "extra": extras,
     }
     frames = ["a photo of {}.", "{}", "an image of {}.", "a picture of {}.", "a drawing of {}."]
-    return [rng.choice(frames).format(rng.choice(options)) for options in phrases.values()]
+    chosen = []
+    for options in phrases.values():
+        phrase = rng.choice(options)
+        chosen.append(Caption(rng.choice(frames).format(phrase.text), phrase.claims))
+    return chosen
 
 
 CAPTION_KINDS = ("pair", "shape", "colour", "extra")
-CAPTION_WEIGHTS = (0.25, 0.4, 0.2, 0.15)
+CAPTION_WEIGHTS = (0.3, 0.45, 0.1, 0.15)
 
 
 def sample_scene(rng: random.Random, allowed_pairs: list[tuple[str, str]]) -> Scene:
@@ -195,12 +227,27 @@ def seen_pairs(held_out: set[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held_out]
 
 
-def caption_sample(index: int, seed: int, held_out: set[tuple[str, str]]) -> tuple[Image.Image, str]:
-    """The ``index``-th (image, caption) of the pretraining stream: seen pairs only."""
+def names_a_held_out_pair(caption: Caption) -> bool:
+    return {"colour", "shape"} <= {attribute for attribute, _ in caption.claims}
+
+
+def caption_sample(index: int, seed: int, held_out: set[tuple[str, str]], draw_held_out: bool = True
+                   ) -> tuple[Image.Image, Caption, Facts]:
+    """The ``index``-th (image, caption, facts of the image) of the pretraining stream.
+
+    Held-out colour x shape pairs are never captioned together. With ``draw_held_out`` their images
+    are drawn (a purple star captioned "a star", "something purple", "two stars", never "a purple
+    star"), so the held-out label set tests whether the text side composes what it never read
+    together; without it they are never drawn either (compositional generalisation of the image side)."""
     rng = random.Random(seed * 1_000_003 + index)
-    scene = sample_scene(rng, seen_pairs(held_out))
-    caption = rng.choices(captions(scene, rng), weights=CAPTION_WEIGHTS)[0]
-    return render(scene, rng.randrange(2 ** 31)), caption
+    pairs = [(c, s) for c in COLOURS for s in SHAPES] if draw_held_out else seen_pairs(held_out)
+    scene = sample_scene(rng, pairs)
+    options = captions(scene, rng)
+    weights = list(CAPTION_WEIGHTS)
+    if (scene.colour, scene.shape) in held_out:
+        weights = [0.0 if names_a_held_out_pair(c) else w for c, w in zip(options, weights)]
+    caption = rng.choices(options, weights=weights)[0]
+    return render(scene, rng.randrange(2 ** 31)), caption, scene_facts(scene)
 
 
 # ---- labelled tasks over the toy world (the dataset interface of ``capt train`` / ``capt eval``) ----

@@ -1,0 +1,139 @@
+import gzip
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from safetensors.torch import load_file
+
+from capt.data.toyworld import COLOURS, COUNT_WORDS, SHAPES, Scene, captions, held_out_pairs, sample_scene, scene_facts, seen_pairs
+from capt.pretrain import CaptionStream, PretrainConfig, caption_truth, multi_positive_clip_loss, pretrain
+
+
+def _features(n, dim=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (F.normalize(torch.randn(n, dim, generator=generator), dim=-1),
+            F.normalize(torch.randn(n, dim, generator=generator), dim=-1))
+
+
+def test_with_one_positive_each_the_loss_is_open_clips():
+    images, texts = _features(6)
+    scale = torch.tensor(14.3)
+    expected = ClipLoss()(images, texts, scale)
+    assert torch.allclose(multi_positive_clip_loss(images, texts, scale, torch.eye(6, dtype=torch.bool)), expected)
+
+
+def test_multi_positive_loss_by_hand():
+    images, texts = _features(3, seed=1)
+    truth = torch.tensor([[1, 1, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    logits = 10 * images @ texts.T
+    log_p_image = logits.log_softmax(1)  # image i over captions
+    log_p_text = logits.T.log_softmax(1)  # caption j over images
+    image_side = -(0.5 * log_p_image[0, 0] + 0.5 * log_p_image[0, 1] + log_p_image[1, 1] + log_p_image[2, 2]) / 3
+    text_side = -(log_p_text[0, 0] + 0.5 * log_p_text[1, 0] + 0.5 * log_p_text[1, 1] + log_p_text[2, 2]) / 3
+    loss = multi_positive_clip_loss(images, texts, torch.tensor(10.0), truth)
+    assert torch.allclose(loss, (image_side + text_side) / 2)
+
+
+def test_a_caption_is_true_of_every_image_that_shows_what_it_claims():
+    red_star = scene_facts(Scene("star", "red", "small", "plain", 1, "left"))
+    blue_star = scene_facts(Scene("star", "blue", "large", "dotted", 1, "top"))
+    two_red_stars = scene_facts(Scene("star", "red", "small", "plain", 2, "middle"))
+    a_star = frozenset({("shape", "star")})
+    a_red_star = frozenset({("shape", "star"), ("colour", "red")})
+    two_stars = frozenset({("shape", "star"), ("count", 2)})
+    truth = caption_truth([red_star, blue_star, two_red_stars], [a_star, a_red_star, two_stars])
+    assert truth.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+
+
+def test_claims_say_what_the_text_says_and_are_true_of_the_scene():
+    rng = random.Random(0)
+    for _ in range(300):
+        scene = sample_scene(rng, seen_pairs(held_out_pairs()))
+        for caption in captions(scene, rng):
+            assert caption.claims <= scene_facts(scene), caption
+            claimed = dict(caption.claims)
+            words = caption.text.rstrip(".").split()
+            shape_named = any(w in words for w in (scene.shape, scene.shape + "s", scene.shape + "es"))
+            assert shape_named == ("shape" in claimed), caption
+            assert (scene.colour in words) == ("colour" in claimed), caption
+            assert any(w in words for w in ("striped", "dotted")) == ("texture" in claimed), caption
+            if "count" in claimed and claimed["count"] > 1:
+                assert COUNT_WORDS[claimed["count"]] in words, caption
+            assert not set(words) & (set(SHAPES) | set(COLOURS)) - {scene.shape, scene.colour}, caption
+
+
+def test_fashion_captions_name_their_class_and_claim_only_it(tmp_path):
+    def write(path, array):
+        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        with gzip.open(path, "wb") as f:
+            f.write(header + array.astype(np.uint8).tobytes())
+    write(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+    write(tmp_path / "train-labels-idx1-ubyte.gz", np.array([7, 7]))  # 7: sneaker
+    stream = CaptionStream(PretrainConfig(fashion_root=str(tmp_path), fashion_fraction=1.0), 64)
+    pixels, text, facts, claims = stream[3]
+    assert pixels.shape == (3, 64, 64) and "sneaker" in text
+    assert facts == claims == frozenset({("fashion", 7)})
+    toy_facts = stream.__class__(PretrainConfig(fashion_root=None), 64)[3][2]
+    assert caption_truth([facts, toy_facts], [claims]).tolist() == [[True], [False]]
+
+
+def _tiny_config(**overrides):
+    values = dict(model="capt-tiny-vit", steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, fashion_root=None,
+                  data_workers=0)
+    return PretrainConfig(**{**values, **overrides})
+
+
+def test_an_interrupted_pretraining_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    straight = load_file(pretrain(_tiny_config(), tmp_path / "straight", progress=False))
+
+    calls = {"n": 0}
+    original = CaptionStream.__getitem__
+
+    def crash_in_step_three(self, index):
+        calls["n"] += 1
+        if index >= 2 * 8 and calls["n"] < 100:
+            raise KeyboardInterrupt
+        return original(self, index)
+
+    monkeypatch.setattr(CaptionStream, "__getitem__", crash_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_tiny_config(), tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed" / "weights.safetensors").exists()
+    monkeypatch.setattr(CaptionStream, "__getitem__", original)
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(_tiny_config(), tmp_path / "resumed", progress=False)
+    resumed = load_file(pretrain(_tiny_config(), tmp_path / "resumed", resume=True, progress=False))
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    lines = (tmp_path / "resumed" / "pretrain_metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+def test_unknown_loss_is_refused():
+    with pytest.raises(ValueError, match="multi_positive"):
+        PretrainConfig(loss="triplet")
+
+
+def test_rendering_in_a_worker_process_trains_the_same_weights(tmp_path):
+    in_process = load_file(pretrain(_tiny_config(steps=2), tmp_path / "a", progress=False))
+    in_worker = load_file(pretrain(_tiny_config(steps=2, data_workers=1), tmp_path / "b", progress=False))
+    for name in in_process:
+        assert torch.equal(in_process[name], in_worker[name]), name
+
+
+def test_gains_biases_and_temperature_are_not_weight_decayed():
+    from capt.models import create_clip
+    from capt.pretrain import _parameter_groups
+    model = create_clip("capt-tiny-vit", None).model
+    decayed, kept = _parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kept_names = {names[id(p)] for p in kept["params"]}
+    assert {"logit_scale", "visual.ln_post.weight", "transformer.resblocks.0.attn.in_proj_bias"} <= kept_names
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in {names[id(p)] for p in decayed["params"]}
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    assert len(decayed["params"]) + len(kept["params"]) == len(list(model.parameters()))
