@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_pretrain)
 
     p = sub.add_parser("replicate", help="methods x shots x eps x seeds, in-distribution and cross-dataset")
-    p.add_argument("--quick", action="store_true", help="a few minutes: 4 shots, eps 4/255, one seed, PGD-10")
+    p.add_argument("--quick", action="store_true", help="a few minutes: 4 shots, eps 1/255, one seed, PGD-10")
     p.add_argument("--output", default="results/replicate")
     p.add_argument("--model")
     p.add_argument("--pretrained")
