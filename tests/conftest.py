@@ -56,6 +56,14 @@ def default_bundle(tmp_path_factory):
     return bundle
 
 
+def write_idx_gz(path, array):
+    """A gzipped idx file, the format Fashion-MNIST ships in."""
+    import gzip
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype("uint8").tobytes())
+
+
 def toy_image(shape="star", colour="red", seed=0):
     from capt.data.toyworld import Scene, render
     return render(Scene(shape, colour, "large", "plain", 1, "middle"), seed)

@@ -1,4 +1,3 @@
-import gzip
 import random
 
 import numpy as np
@@ -6,10 +5,10 @@ import pytest
 
 from capt.data import load_dataset
 from capt.data.fashion import fashion_mnist_arrays
-from capt.data.toyworld import (COLOURS, SHAPES, Scene, ToyWorldTask, caption_sample, captions, held_out_pairs,
-                                names_a_held_out_pair,
-                                render, sample_scene, seen_pairs)
+from capt.data.toyworld import (COLOURS, COUNT_WORDS, SHAPES, Scene, ToyWorldTask, caption_sample, captions,
+                                held_out_pairs, names_a_held_out_pair, render, sample_scene, scene_facts, seen_pairs)
 from capt.pretrain import CaptionStream, PretrainConfig
+from conftest import write_idx_gz
 
 
 def test_rendering_is_a_function_of_the_seed():
@@ -46,16 +45,21 @@ def test_strict_stream_never_draws_a_held_out_pair():
         assert (dict(facts)["colour"], dict(facts)["shape"]) not in held_out
 
 
-def test_captions_are_truthful():
+def test_captions_are_truthful_and_claim_what_their_text_says():
     rng = random.Random(0)
-    for _ in range(200):
+    for _ in range(300):
         scene = sample_scene(rng, seen_pairs(held_out_pairs()))
         for caption in captions(scene, rng):
-            words = caption.text.replace(".", "").split()
-            named_shape = [s for s in SHAPES if s in words or s + "s" in words or s + "es" in words]
-            named_colour = [c for c in COLOURS if c in words]
-            assert named_shape in ([], [scene.shape]) and named_colour in ([], [scene.colour]), (scene, caption)
-            assert named_shape or named_colour or scene.texture in words or scene.size in words, caption
+            assert caption.claims and caption.claims <= scene_facts(scene), caption
+            claimed = dict(caption.claims)
+            words = caption.text.rstrip(".").split()
+            shape_named = any(w in words for w in (scene.shape, scene.shape + "s", scene.shape + "es"))
+            assert shape_named == ("shape" in claimed), caption
+            assert (scene.colour in words) == ("colour" in claimed), caption
+            assert any(w in words for w in ("striped", "dotted")) == ("texture" in claimed), caption
+            if "count" in claimed and claimed["count"] > 1:
+                assert COUNT_WORDS[claimed["count"]] in words, caption
+            assert not set(words) & (set(SHAPES) | set(COLOURS)) - {scene.shape, scene.colour}, caption
 
 
 def test_tasks_label_what_is_drawn():
@@ -71,12 +75,8 @@ def test_tasks_label_what_is_drawn():
 
 
 def test_fashion_mnist_from_gzipped_idx_files(tmp_path):
-    def write(path, array):
-        header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-        with gzip.open(path, "wb") as f:
-            f.write(header + array.astype(np.uint8).tobytes())
-    write(tmp_path / "train-images-idx3-ubyte.gz", np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256)
-    write(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]))
+    write_idx_gz(tmp_path / "train-images-idx3-ubyte.gz", np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256)
+    write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]))
     images, labels = fashion_mnist_arrays(tmp_path, "train")
     assert images.shape == (2, 28, 28) and labels.tolist() == [3, 7]
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
