@@ -28,10 +28,7 @@ serve: install
 
 # Rebuilds the embedded default model from scratch (seeded; ~13 min pretraining + ~2 min tuning on 2 idle cores).
 default-model: install
-	rm -rf models/capt-toy/pretrain_state runs/capt-default
-	HF_HUB_OFFLINE=1 $(VENV)/bin/capt pretrain --output models/capt-toy --no-progress
-	HF_HUB_OFFLINE=1 $(VENV)/bin/capt train --config models/capt-toy/capt-default.yaml --no-progress
-	$(PY) -m serving.prepare --promote runs/capt-default
+	HF_HUB_OFFLINE=1 $(PY) -m capt.default_model rebuild
 
 bento: install
 	HF_HUB_OFFLINE=1 $(PY) -m serving.prepare

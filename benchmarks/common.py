@@ -24,14 +24,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from serving.launch import Server, bentoml_serve, png_bytes  # noqa: F401 - png_bytes: the scripts' upload encoder
+from capt import default_model
+from export.fingerprint import export_fingerprint
+from tools.launch import Server, bentoml_serve, png_bytes  # noqa: F401 - png_bytes: the scripts' upload encoder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
 CACHE_DIR = BENCH_DIR / ".cache"  # exported graphs and bundles, reused between runs (gitignored)
 RESULTS_DIR = BENCH_DIR / "results"
-DEFAULT_PROMPTS = REPO_ROOT / "models" / "capt-toy" / "prompts"
-DEFAULT_WEIGHTS = REPO_ROOT / "models" / "capt-toy" / "weights.safetensors"
+DEFAULT_PROMPTS, DEFAULT_WEIGHTS = default_model.PROMPTS, default_model.WEIGHTS
 
 
 # ---- worker subprocesses ------------------------------------------------------------------------
@@ -269,24 +270,22 @@ def files_digest(*paths: Path | str, extra: str = "") -> str:
 
 def default_bundle(precision: str = "fp32") -> Path:
     """The default model (models/capt-toy) exported as `make serve` exports it, cached under
-    benchmarks/.cache keyed by the prompts, the weights and the exporter's source. Exported in a
-    subprocess (~20 s) so that the parent never loads torch."""
-    key = files_digest(DEFAULT_PROMPTS / "prompts.safetensors", DEFAULT_PROMPTS / "prompt_config.json",
-                       DEFAULT_WEIGHTS, REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
-                       extra=precision)
+    benchmarks/.cache keyed by the prompts, the weights, the exporter's sources and the library
+    versions (``export.fingerprint``). Exported in a subprocess (~20 s) so that the parent never loads torch."""
+    key = export_fingerprint(DEFAULT_PROMPTS / "prompts.safetensors", DEFAULT_PROMPTS / "prompt_config.json",
+                             DEFAULT_WEIGHTS, extra=precision)[:12]
     bundle = CACHE_DIR / f"default-bundle-{precision}-{key}"
     code = ("import sys; from export import export_bundle; "
-            "export_bundle(sys.argv[1], sys.argv[2], pretrained=sys.argv[3], sample_data='toyworld_pairs::test', "
+            "export_bundle(sys.argv[1], sys.argv[2], pretrained=sys.argv[3], sample_data=sys.argv[5], "
             "precision=sys.argv[4])")
-    return _export_once(bundle, code, [str(DEFAULT_PROMPTS), str(bundle), str(DEFAULT_WEIGHTS), precision])
+    return _export_once(bundle, code, [str(DEFAULT_PROMPTS), str(bundle), str(DEFAULT_WEIGHTS), precision, default_model.SAMPLE_DATA])
 
 
 def random_bundle(model: str, labels: Sequence[str]) -> Path:
     """A bundle of ``model`` with random CLIP weights and the prompts of benchmarks/encoder.py, for
     speed figures of a model whose compute, not per-request overhead, dominates. Cached like
     ``default_bundle``; exported in a subprocess (a few minutes for ViT-B-32)."""
-    key = files_digest(REPO_ROOT / "export" / "onnx_export.py", REPO_ROOT / "capt" / "prompts.py",
-                       REPO_ROOT / "benchmarks" / "encoder.py", extra=model + "\n".join(labels))
+    key = export_fingerprint(REPO_ROOT / "benchmarks" / "encoder.py", extra=model + "\n".join(labels))[:12]
     bundle = CACHE_DIR / f"random-bundle-{model}-{key}"
     code = ("import json, sys, tempfile\n"
             "from benchmarks.encoder import build_model\n"
@@ -315,7 +314,7 @@ def _export_once(bundle: Path, code: str, args: list[str]) -> Path:
 # ---- the HTTP server -------------------------------------------------------------------------------
 @contextlib.contextmanager
 def bento_server(bundle: Path, env: dict | None = None, ready_timeout: float = 180) -> Iterator[Server]:
-    """``serving.launch.bentoml_serve`` of ``bundle`` with its log under benchmarks/.cache/logs (the
+    """``tools.launch.bentoml_serve`` of ``bundle`` with its log under benchmarks/.cache/logs (the
     newest 20 kept) and BentoML's home in the cache, not ~/bentoml: the bundle is given as a folder."""
     logs = CACHE_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def worker_compile(config: dict) -> dict:
 def worker_ort(config: dict) -> dict:
     import numpy as np
 
-    from export.onnx_export import onnx_session
+    from export.bundle import onnx_session
     results = {"models": {}}
     for name, spec in config["models"].items():
         session = onnx_session(spec["path"], config.get("providers", ["CPUExecutionProvider"]), spinning=True)

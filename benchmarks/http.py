@@ -30,7 +30,7 @@ def worker_raw(config: dict) -> dict:
     """Images/s of the bundle's image graph alone: pixels in, embeddings out (no decoding, no HTTP)."""
     import numpy as np
 
-    from export.onnx_export import onnx_session
+    from export.bundle import onnx_session
     session = onnx_session(Path(config["bundle"]) / "image_encoder.onnx", ["CPUExecutionProvider"], spinning=True)
     size = json.loads((Path(config["bundle"]) / "manifest.json").read_text())["inputs"]["image"]["shape"][-1]
     pixels = np.random.default_rng(0).random((config["batch"], 3, size, size), dtype=np.float32)

@@ -83,7 +83,7 @@ def worker_ort(config: dict) -> dict:
     """Throughput and predictions of each graph; class embeddings from the bundle's fp32 text graph."""
     import numpy as np
 
-    from export.onnx_export import onnx_session
+    from export.bundle import onnx_session
     arrays = np.load(config["data"])
     text = onnx_session(Path(config["bundle"]) / "text_encoder.onnx", ["CPUExecutionProvider"])
     class_embeddings = text.run(None, {"tokens": arrays["tokens"]})[0]

@@ -55,7 +55,7 @@ def save_checkpoint(run_dir: str | Path, epoch: int, model: PromptedCLIP, meta: 
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir()
     meta = {"format": FORMAT, "model": model.model_name, "pretrained": model.pretrained,
-            "prompt": model.config.to_dict(), "epoch": epoch, **meta}
+            "quick_gelu": model.quick_gelu, "prompt": model.config.to_dict(), "epoch": epoch, **meta}
     save_file({k: v.contiguous().cpu() for k, v in model.prompt_state_dict().items()}, tmp / PROMPTS_FILE,
               metadata={"format": FORMAT})
     (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -105,7 +105,9 @@ def load_prompted_model(path: str | Path, pretrained: str | None = None, device:
     """Rebuild the prompted model a checkpoint was trained with. ``pretrained`` overrides the
     recorded weights source (e.g. the same weights at another local path)."""
     meta, state = read_checkpoint(path)
-    clip = create_clip(meta["model"], pretrained if pretrained is not None else meta["pretrained"], device=device)
+    # Checkpoints from before the activation was recorded say nothing: the model name and tag decide.
+    clip = create_clip(meta["model"], pretrained if pretrained is not None else meta["pretrained"], device=device,
+                       quick_gelu=meta.get("quick_gelu"))
     model = PromptedCLIP(clip, PromptConfig.from_dict(meta["prompt"])).to(device)
     model.load_prompt_state_dict(state)
     return model.eval(), meta

@@ -1,4 +1,5 @@
-"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt export``, ``capt pretrain``, ``capt replicate``, ``capt models``, ``capt methods``."""
+"""The ``capt`` command line: ``capt train``, ``capt eval``, ``capt pretrain``, ``capt replicate``, ``capt promote``,
+``capt models``, ``capt methods``, and ``capt export`` (added by the ``export`` package, see ``_plugins``)."""
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ def _eval(args) -> None:
         method = load_method(args.method)
         if method.get("trainable", True):
             raise ValueError(f"method '{args.method}' needs trained prompts: pass --checkpoint")
-        clip = create_clip(args.model, args.pretrained, device=device)
+        clip = create_clip(args.model, args.pretrained, device=device, quick_gelu=args.quick_gelu)
         model = PromptedCLIP(clip, PromptConfig.from_dict(method.get("prompt"))).to(device)
         source = {"method": args.method, "model": args.model, "pretrained": args.pretrained}
     transform = pixel_transform(model.preprocess_cfg)
@@ -54,18 +55,6 @@ def _eval(args) -> None:
     print(f"written {json_path} and {md_path}")
 
 
-def _export(args) -> None:
-    from export import export_bundle, save_to_model_store
-
-    manifest = export_bundle(args.checkpoint, args.output, pretrained=args.pretrained, labels=args.labels,
-                             sample_data=args.sample_data, opset=args.opset, precision=args.precision)
-    parity = manifest["parity"]
-    print(f"exported {args.output} ({args.precision}) in {manifest['export_seconds']} s: max |onnx - torch| {parity['max_abs_diff']:.2e}, "
-          f"top-1 agreement {parity['top1_agreement']:.0%} on {parity['top1_samples']} {parity['sample']} images")
-    if args.model_name:
-        print(f"saved to the BentoML model store as {save_to_model_store(args.output, args.model_name)}")
-
-
 def _pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
@@ -79,7 +68,8 @@ def _pretrain(args) -> None:
 def _replicate(args) -> None:
     from .replicate import GridConfig, run_grid
 
-    overrides = {k: v for k, v in {"model": args.model, "pretrained": args.pretrained, "methods": args.methods,
+    overrides = {k: v for k, v in {"model": args.model, "pretrained": args.pretrained, "quick_gelu": args.quick_gelu,
+                                   "methods": args.methods,
                                    "shots": args.shots, "eps": args.eps, "seeds": args.seeds, "epochs": args.epochs,
                                    "train_data": args.train_data, "eval_data": args.eval_data,
                                    "eval_samples": args.eval_samples, "pgd_steps": args.pgd_steps,
@@ -87,6 +77,12 @@ def _replicate(args) -> None:
     grid = GridConfig.quick(**overrides) if args.quick else GridConfig(**overrides)
     run_grid(grid, args.output, progress=not args.no_progress)
     print(f"results in {args.output}/results.md, results.json and *.png")
+
+
+def _promote(args) -> None:
+    from . import default_model
+    checkpoint = default_model.promote(args.run)
+    print(f"the default prompts ({default_model.relative(default_model.PROMPTS)}) are now those of {checkpoint}")
 
 
 def _models(args) -> None:
@@ -118,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="zeroshot", help="without --checkpoint: an untrained method (zeroshot)")
     p.add_argument("--model", help="without --checkpoint: model name")
     p.add_argument("--pretrained", help="pretrained tag or local file (overrides the checkpoint's)")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="without --checkpoint: build the model with QuickGELU (OpenAI weights from a local file); "
+                        "default: what the pretrained tag or the model name says")
     p.add_argument("--data", action="append", required=True,
                    help="dataset spec name:root[:split], repeatable (e.g. imagefolder:data/test, cifar10:/data:test)")
     p.add_argument("--eps", type=parse_eps, nargs="*", default=[1 / 255, 4 / 255], help="e.g. 1/255 4/255; none for clean accuracy only")
@@ -129,19 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="results", help="directory for results.json and results.md")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_eval)
-
-    p = sub.add_parser("export", help="ONNX bundle of a prompt checkpoint, parity-checked, into the BentoML model store")
-    p.add_argument("--checkpoint", required=True, help="prompt checkpoint directory, or a run directory (its latest)")
-    p.add_argument("--output", required=True, help="bundle folder to create")
-    p.add_argument("--pretrained", help="the base weights, if not where the checkpoint says")
-    p.add_argument("--labels", nargs="+", help="label set for the top-1 parity check (default: the training labels)")
-    p.add_argument("--sample-data", help="dataset spec of real images for the top-1 parity check (default: synthetic)")
-    p.add_argument("--opset", type=int, default=18)
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 halves the graphs for GPUs (parity bar 2e-3, top-1 agreement >= 98%%)")
-    p.add_argument("--model-name", default="capt-default",
-                   help="name in the BentoML model store; '' to skip the store")
-    p.set_defaults(run=_export)
 
     p = sub.add_parser("pretrain", help="contrastive pretraining of a small CLIP on the toy world (+ Fashion-MNIST)")
     p.add_argument("--output", required=True, help="folder for weights.safetensors, metrics and resumable state")
@@ -162,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="results/replicate")
     p.add_argument("--model")
     p.add_argument("--pretrained")
+    p.add_argument("--quick-gelu", action=argparse.BooleanOptionalAction, default=None,
+                   help="QuickGELU for a local file of OpenAI weights (default: what the tag or model name says)")
     p.add_argument("--methods", nargs="+")
     p.add_argument("--shots", type=int, nargs="+")
     p.add_argument("--eps", type=parse_eps, nargs="+")
@@ -175,21 +163,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_replicate)
 
+    p = sub.add_parser("promote", help="make a training run's latest prompts the embedded default model's")
+    p.add_argument("run", help="run directory (e.g. runs/capt-default) or checkpoint directory")
+    p.set_defaults(run=_promote)
+
     sub.add_parser("models", help="list model names").set_defaults(run=_models)
     sub.add_parser("methods", help="list methods").set_defaults(run=_methods)
     return parser
 
 
+PLUGIN_GROUP = "capt.commands"
+
+
+def _plugins() -> list:
+    """Sub-commands other packages add (``export`` adds ``capt export``): entry points of the
+    ``capt.commands`` group, each ``register(subparsers) -> tuple of its user-facing error types``.
+    Plugged in rather than imported, so that ``capt`` does not depend on the packages built on it."""
+    from importlib.metadata import entry_points
+    return list(entry_points(group=PLUGIN_GROUP))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from export import BundleError, ExportParityError
+    parser = build_parser()
+    user_errors: tuple[type[BaseException], ...] = ()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for plugin in _plugins():
+        user_errors += tuple(plugin.load()(subparsers))
+    args = parser.parse_args(argv)
 
     from .data import DataUnavailable
+    from .images import UnreadableImage
     from .models import PretrainedUnavailable
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailable, PretrainedUnavailable, BundleError,
-            ExportParityError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, DataUnavailable, PretrainedUnavailable, UnreadableImage,
+            *user_errors) as err:
         print(f"capt: error: {err}", file=sys.stderr)
         return 2
     return 0

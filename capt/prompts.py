@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 from torch import nn
 
+from .data.templates import check_template
 from .models import ClipModel
 from .options import Options
 
@@ -49,8 +50,7 @@ class PromptConfig(Options):
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got '{self.coupling}'")
-        if self.template.count("{}") != 1:
-            raise ValueError(f"template must contain '{{}}' exactly once: '{self.template}'")
+        check_template(self.template)
         for name in ("text_n_ctx", "vision_n_ctx"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -67,11 +67,13 @@ class PromptedCLIP(nn.Module):
     def __init__(self, clip: ClipModel, config: PromptConfig | None = None):
         super().__init__()
         config = config or PromptConfig()
+        self.base_clip = clip  # the ClipModel (architecture, weights' source) this model was built on
         self.clip = clip.model
         self.tokenizer = clip.tokenizer
         self.preprocess_cfg = clip.preprocess_cfg
         self.model_name = clip.name
         self.pretrained = clip.pretrained
+        self.quick_gelu = clip.quick_gelu
         model = self.clip
         if not model.transformer.batch_first or not model.visual.transformer.batch_first:
             raise NotImplementedError("PromptedCLIP needs open_clip's batch_first transformers (open_clip >= 2.24)")

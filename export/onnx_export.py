@@ -4,7 +4,7 @@ baked in and takes token ids of the shortened context. Both output L2-normalised
 have a dynamic batch dimension (exported with a batch of 2: a batch of 1 would freeze it).
 
 Export refuses to finish unless ONNX Runtime matches PyTorch (max |diff| of embeddings at batch 1
-and 7, top-1 agreement of the full classifier on sample images).
+and 7, top-1 agreement of the full classifier on sample images, near ties aside: see check_parity).
 """
 from __future__ import annotations
 
@@ -20,16 +20,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from capt.checkpoint import META_FILE, PROMPTS_FILE, load_prompted_model, resolve_checkpoint
+from capt.models import save_clip_dir
 from capt.prompts import PromptedCLIP
 
-from .bundle import BUNDLE_FORMAT, MANIFEST, sha256_of
+from .bundle import BUNDLE_FORMAT, IMAGE_ONNX, MANIFEST, TEXT_ONNX, load_bundle, onnx_session, sha256_of, tokenizer_layout
 
-IMAGE_ONNX, TEXT_ONNX = "image_encoder.onnx", "text_encoder.onnx"
-BASE_WEIGHTS = "base_weights.safetensors"
 DEFAULT_OPSET = 18
 PRECISIONS = ("fp32", "fp16")
 # Parity bars per precision: max |ONNX - torch fp32| of L2-normalised embeddings, top-1 agreement.
@@ -65,51 +63,12 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
                       external_data=False, verbose=False)
 
 
-def cuda_unavailable_reason() -> str | None:
-    """Why ONNX Runtime cannot use the CUDA provider here, or None when it can."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"this onnxruntime build ({ort.__version__}) has no CUDA provider; install onnxruntime-gpu"
-    if not torch.cuda.is_available():  # onnxruntime-gpu lists CUDA even without a GPU, then fails loudly
-        return "no CUDA device or driver is visible"
-    return None
-
-
-def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinning: bool = False):
-    """An ONNX Runtime session on the first usable of ``providers`` (default CUDA, then CPU);
-    ``session.get_providers()[0]`` says which one runs.
-
-    ``spinning`` lets ONNX Runtime's CPU threads busy-wait between runs (its default). That is about
-    10% faster for a process that does nothing else, but in the server those threads took the cores
-    from PyTorch (probes) and from request handling: a 10-step probe took 1.5x ten forward+backward
-    passes with spinning and about 1x without, so sessions do not spin unless asked to."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    if cuda_unavailable_reason() is not None:
-        available = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
-    wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-    if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
-        try:  # CUDA and cuDNN from the pip wheels that torch brings (no CUDA base image needed)
-            ort.preload_dlls(directory="")
-        except Exception:  # noqa: BLE001 - no GPU libraries: CPU it is
-            pass
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # ORT_ENABLE_ALL adds CPU layout rewrites that crash ONNX Runtime 1.31 on fp16 graphs (segfault at
-    # session creation); EXTENDED measured as fast on our fp32 graphs.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return ort.InferenceSession(str(path), sess_options=options, providers=wanted or ["CPUExecutionProvider"])
-
-
 def _sample_images(model: PromptedCLIP, sample_data: str | None, count: int, seed: int) -> tuple[torch.Tensor, str]:
     size = model.preprocess_cfg["size"]
     size = size if isinstance(size, int) else size[0]
     if sample_data:
         from capt.data import load_dataset
-        from capt.models import pixel_transform
+        from capt.images import pixel_transform
         data = load_dataset(sample_data, pixel_transform(model.preprocess_cfg))
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:count]
         return torch.stack([data.dataset[i][0] for i in order.tolist()]), data.name
@@ -148,19 +107,32 @@ def check_parity(model: PromptedCLIP, image_path: Path, text_path: Path, labels:
         diffs[f"text_batch_{batch}"] = float(np.abs(text_out - text_ref).max())
     tokens = model.tokenize(list(labels))
     with torch.no_grad():
-        text_ref = model.encode_text(tokens)
-        torch_top1 = model.logits(model.encode_image(sample_images), text_ref).argmax(-1).numpy()
+        torch_similarity = (model.encode_image(sample_images) @ model.encode_text(tokens).t()).numpy()
     image_out = image_session.run(None, {"pixels": sample_images.numpy()})[0]
     text_out = text_session.run(None, {"tokens": tokens.numpy()})[0]
-    onnx_top1 = (image_out @ text_out.T).argmax(-1)
     return {"max_abs_diff": max(diffs.values()), "by_input": diffs,
-            "top1_agreement": float((onnx_top1 == torch_top1).mean()), "top1_samples": int(len(torch_top1))}
+            **top1_agreement(torch_similarity, image_out @ text_out.T)}
+
+
+def top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
+    """Top-1 agreement of two ``[N, C]`` similarity matrices, near ties aside. A sample whose two best
+    labels are closer (in the reference) than twice the largest measured difference between the
+    matrices is a near tie: either answer is the model's, and with fp16 such ties flip by rounding,
+    differently from CPU to CPU, so they cannot count as disagreements."""
+    error = float(np.abs(candidate - reference).max())
+    ranked = np.sort(reference, axis=-1)
+    gap = ranked[:, -1] - ranked[:, -2] if ranked.shape[1] > 1 else np.full(len(ranked), np.inf)
+    decisive = gap > 2 * error
+    agree = candidate.argmax(-1) == reference.argmax(-1)
+    return {"similarity_max_abs_diff": error,
+            "top1_agreement": float(agree[decisive].mean()) if decisive.any() else float(agree.mean()),
+            "top1_agreement_all": float(agree.mean()), "top1_near_ties": int((~decisive).sum()),
+            "top1_samples": int(len(agree))}
 
 
 def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: str | None = None,
                   labels: Sequence[str] | None = None, sample_data: str | None = None, sample_count: int = 64,
-                  opset: int = DEFAULT_OPSET, seed: int = 0, include_base_weights: bool = True,
-                  precision: str = "fp32") -> dict:
+                  opset: int = DEFAULT_OPSET, seed: int = 0, precision: str = "fp32") -> dict:
     """Export, check parity and write the bundle to ``output_dir`` (which must not exist yet, and
     appears only once everything has passed). Returns the manifest.
 
@@ -169,9 +141,9 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
     still measured against the fp32 PyTorch model, with the looser bar of ``PARITY_BARS``; the PGD
     probe always runs the fp32 PyTorch model.
 
-    With ``include_base_weights`` the CLIP weights travel in the bundle (copied when they come from
-    a local file, saved when random), so the probe can rebuild the model anywhere; weights named by
-    a hub tag are only referenced."""
+    The base CLIP travels in the bundle whatever its source (hub tag, ``.pt``/``.bin``/safetensors
+    file, random weights): its architecture and fp32 weights in open_clip's ``local-dir`` layout, so
+    the probe's twin is rebuilt from the bundle alone (see ``export/bundle.py``)."""
     output_dir = Path(output_dir)
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -201,19 +173,13 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
                                     f"{parity['top1_agreement']:.2%} (needs {min_agreement:.0%})")
         shutil.copy2(checkpoint_dir / PROMPTS_FILE, staging / PROMPTS_FILE)
         shutil.copy2(checkpoint_dir / META_FILE, staging / META_FILE)
-        files = [IMAGE_ONNX, TEXT_ONNX, PROMPTS_FILE, META_FILE]
-        if include_base_weights and model.pretrained is None:
-            save_file({k: v.contiguous() for k, v in model.clip.state_dict().items()}, staging / BASE_WEIGHTS)
-            files.append(BASE_WEIGHTS)
-        elif include_base_weights and Path(model.pretrained).is_file() and Path(model.pretrained).suffix == ".safetensors":
-            shutil.copy2(model.pretrained, staging / BASE_WEIGHTS)
-            files.append(BASE_WEIGHTS)
+        files = [IMAGE_ONNX, TEXT_ONNX, PROMPTS_FILE, META_FILE, *save_clip_dir(model.base_clip, staging)]
         clip = model.clip
-        n_ctx = model.config.text_n_ctx
         manifest = {
             "format": BUNDLE_FORMAT,
             "model": model.model_name,
             "pretrained": model.pretrained,
+            "quick_gelu": model.quick_gelu,
             "method": meta.get("method"),
             "prompt": model.config.to_dict(),
             "labels": labels,
@@ -221,21 +187,22 @@ def export_bundle(checkpoint: str | Path, output_dir: str | Path, pretrained: st
             "opset": opset,
             "inputs": {"image": {"name": "pixels", "dtype": "float32", "shape": ["batch", 3, size, size],
                                  "range": [0.0, 1.0]},
-                       "text": {"name": "tokens", "dtype": "int64", "shape": ["batch", clip.context_length - n_ctx]}},
+                       "text": {"name": "tokens", "dtype": "int64",
+                                "shape": ["batch", clip.context_length - model.config.text_n_ctx]}},
             "preprocess": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in model.preprocess_cfg.items()},
                            "normalisation": "inside the image graph"},
-            "tokenizer": {"type": "open_clip", "model": model.model_name,
-                          "context_length": clip.context_length - n_ctx, "model_context_length": clip.context_length,
-                          "prompt_tokens": n_ctx, "template": model.config.template},
+            "tokenizer": tokenizer_layout(model),
             "logit_scale": float(clip.logit_scale.exp()),
             "logit_bias": None if clip.logit_bias is None else float(clip.logit_bias),
             "parity": parity,
             "versions": _versions(),
             "export_seconds": round(time.perf_counter() - started, 2),
-            "base_weights": BASE_WEIGHTS if BASE_WEIGHTS in files else None,
             "files": {name: sha256_of(staging / name) for name in files},
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        # The bundle as a server will load it: its twin rebuilt from the staged files alone must be the
+        # model whose graphs were just checked.
+        load_bundle(staging, ["CPUExecutionProvider"], check=True)
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by a server
         staging.rename(output_dir)
     finally:

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from capt import create_clip
-from serving.launch import bentoml_serve, png_bytes  # noqa: F401 - png_bytes is the tests' helper too
+from tools.launch import bentoml_serve, png_bytes  # noqa: F401 - png_bytes is the tests' helper too
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
 
@@ -49,10 +49,10 @@ def colour_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def default_bundle(tmp_path_factory):
     """The embedded default model, exported as `make serve` does (without the model store)."""
+    from capt import default_model
     from export import export_bundle
-    from serving.prepare import DEFAULT_PROMPTS, DEFAULT_WEIGHTS
     bundle = tmp_path_factory.mktemp("default") / "bundle"
-    export_bundle(DEFAULT_PROMPTS, bundle, pretrained=str(DEFAULT_WEIGHTS), sample_data="toyworld_pairs::test")
+    export_bundle(default_model.PROMPTS, bundle, pretrained=str(default_model.WEIGHTS), sample_data=default_model.SAMPLE_DATA)
     return bundle
 
 
@@ -99,3 +99,23 @@ def post_probe(url, image, labels, **fields):
             **{k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in fields.items()}}
     body = image if isinstance(image, bytes) else png_bytes(image)
     return httpx.post(f"{url}/probe", files=[("image", ("x.png", body, "image/png"))], data=data, timeout=120)
+
+
+def alter_twin_weights(bundle, into, tensor="visual.proj", scale=0.5, seed=0):
+    """A copy of ``bundle`` whose base weights (the probe twin's) differ from the ONNX graphs in
+    ``tensor`` by a random perturbation, with the manifest's checksum updated: consistent files, two
+    different models (what an export bug or a hand-edited bundle would give)."""
+    import json
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from export.bundle import MANIFEST, sha256_of
+    shutil.copytree(bundle, into)
+    weights = into / "open_clip_model.safetensors"
+    state = load_file(weights)
+    noise = torch.randn(state[tensor].shape, generator=torch.Generator().manual_seed(seed))
+    state[tensor] = state[tensor] + scale * state[tensor].abs().mean() * noise
+    save_file(state, weights)
+    manifest = json.loads((into / MANIFEST).read_text())
+    manifest["files"][weights.name] = sha256_of(weights)
+    (into / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return into

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from serving.launch import bentoml_serve
+from tools.launch import bentoml_serve
 
 # Probes are capped at a few steps with a generous time limit, so that the only 5xx the service
 # gives by design (503: a probe past CAPT_MAX_PROBE_SECONDS) cannot be generated.

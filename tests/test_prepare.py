@@ -37,3 +37,24 @@ def test_a_default_export_of_the_committed_weights_is_kept(tmp_path):
     from serving.prepare import default_model_fingerprint
     # The stored model is an empty folder, so it is kept and then refused as damaged (exit code 2).
     assert _prepare_with_stored_fingerprint(default_model_fingerprint(), tmp_path).strip().endswith("kept 2")
+
+
+def test_the_fingerprint_covers_the_exporter_and_the_libraries_that_shape_a_graph(tmp_path, monkeypatch):
+    import shutil
+    from export import fingerprint
+    from serving.prepare import default_model_fingerprint
+    committed = default_model_fingerprint()
+    versions = fingerprint.library_versions()
+    monkeypatch.setattr(fingerprint, "library_versions", lambda: {**versions, "onnxscript": "0.0.1"})
+    assert default_model_fingerprint() != committed  # another onnxscript traces other graphs
+    monkeypatch.setattr(fingerprint, "library_versions", lambda: versions)
+    assert default_model_fingerprint() == committed
+    copy = tmp_path / "repo"
+    for source in fingerprint.GRAPH_SOURCES:
+        (copy / source).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO_ROOT / source, copy / source)
+    monkeypatch.setattr(fingerprint, "REPO_ROOT", copy)
+    assert default_model_fingerprint() == committed
+    with (copy / "export" / "onnx_export.py").open("a") as f:
+        f.write("\n# an exporter change\n")
+    assert default_model_fingerprint() != committed

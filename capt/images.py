@@ -1,0 +1,95 @@
+"""The one way an image becomes pixels, for training, evaluation, export samples and serving.
+
+Bytes or a file become 8-bit RGB through :func:`decode_image` (EXIF orientation honoured, alpha
+composited on white, 16-bit rescaled, CMYK and palette converted, the first frame of an animation),
+and RGB becomes a ``[3, H, W]`` tensor in [0, 1] through :func:`pixel_transform`, open_clip's own
+eval transform with identity mean/std: normalisation lives inside the model, so attacks, eps and the
+served input are all in pixel space.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class UnreadableImage(ValueError):
+    """The bytes are not an image that will be decoded; the message says why."""
+
+
+def decode_image(data: bytes, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Untrusted bytes -> RGB. ``max_bytes`` and ``max_pixels`` (the declared size, checked before the
+    pixels are decoded) refuse large inputs; PIL's own decompression-bomb limit applies as well."""
+    if not data:
+        raise UnreadableImage("empty image upload")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise UnreadableImage(f"image of {len(data)} bytes is over the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise UnreadableImage(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+            image.seek(0)  # animated images: the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except UnreadableImage:
+        raise
+    except UnidentifiedImageError as err:  # PIL's message names an internal buffer object: not for clients
+        raise UnreadableImage("not a readable image: no image format recognised") from err
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise UnreadableImage(f"not a readable image: {err}") from err
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
+        raise UnreadableImage(f"corrupt or truncated image: {err}") from err
+    return to_rgb(image)
+
+
+def load_image_file(path: str | Path) -> Image.Image:
+    """An image file from a dataset, decoded exactly as an upload of the same bytes would be."""
+    path = Path(path)
+    try:
+        return decode_image(path.read_bytes())
+    except UnreadableImage as err:
+        raise UnreadableImage(f"{path}: {err}") from err
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB as the model sees it: transparency composited on white (as a browser shows it),
+    16-bit and float greys rescaled rather than clipped (PIL's own convert saturates them to white),
+    CMYK, YCbCr, palette and the rest through PIL's conversions."""
+    if image.mode.startswith("I"):  # integer greys, read as 16-bit (how PNG and TIFF store them)
+        values = np.asarray(image, dtype=np.float64)
+        scale = 1 / 257 if image.mode != "I" or values.max() > 255 else 1.0
+        image = Image.fromarray(np.clip(values * scale, 0, 255).round().astype(np.uint8), mode="L")
+    elif image.mode == "F":
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64))
+        low, high = float(values.min()), float(values.max())
+        grey = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+        image = Image.fromarray(grey.round().astype(np.uint8), mode="L")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """RGB image -> float tensor in [0, 1]: open_clip's eval transform for this model's preprocessing
+    (size, resize mode, interpolation, fill colour) with identity mean/std. Images that are not RGB
+    yet go through :func:`to_rgb` first, so a PIL image made in memory is treated like a file."""
+    import open_clip
+
+    transform = open_clip.image_transform(
+        preprocess_cfg["size"], is_train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+        resize_mode=preprocess_cfg.get("resize_mode", "shortest"),
+        interpolation=preprocess_cfg.get("interpolation", "bicubic"),
+        fill_color=preprocess_cfg.get("fill_color", 0))
+
+    def to_pixels(image: Image.Image) -> torch.Tensor:
+        return transform(image if image.mode == "RGB" else to_rgb(image))
+    return to_pixels
