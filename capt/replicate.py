@@ -9,6 +9,7 @@ prompts, on held-out-pair images labelled by shape and by colour, on counting, a
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import statistics
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_prompted_model
+from . import default_model
+from .checkpoint import LATEST_FILE, load_prompted_model
 from .config import TrainConfig, load_method
 from .data import DataUnavailable, load_dataset
 from .evaluate import eps_label, evaluate
 from .models import create_clip, pixel_transform
 from .prompts import PromptConfig, PromptedCLIP
-from .train import resolve_device, train
+from .train import _comparable, resolve_device, train
 
 METHODS = ["zeroshot", "apt", "advvp", "advmaple", "fap", "capt"]
 TOY_TRAIN = "toyworld_pairs::train"
@@ -34,8 +36,9 @@ TOY_EVAL = ["toyworld_pairs::test", "toyworld_shapes::heldout", "toyworld_colour
 
 @dataclass
 class GridConfig:
-    model: str = "capt-toy-vit"
-    pretrained: str = "models/capt-toy/weights.safetensors"
+    model: str = default_model.ARCHITECTURE
+    pretrained: str = default_model.relative(default_model.WEIGHTS)
+    quick_gelu: bool | None = None  # None: what the pretrained tag or the model name says (capt.models)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     shots: list[int] = field(default_factory=lambda: [1, 4, 16])
     eps: list[float] = field(default_factory=lambda: [1 / 255, 4 / 255])
@@ -62,13 +65,24 @@ def _attack_for(eps: float) -> dict:
     return {"eps": eps, "alpha": eps, "steps": 2} if eps <= 1 / 255 + 1e-9 else {"eps": eps, "alpha": eps / 1.5, "steps": 3}
 
 
+def run_dir_for(config: TrainConfig, root: str | Path) -> Path:
+    """The run folder of ``config`` under ``root``: a readable prefix, then a hash of everything that
+    changes the result (the keys a resumed run must keep, as ``train`` compares them), so that runs of
+    another model, weights, data, lr, batch size or eps never share a folder."""
+    shots = "all" if config.shots is None else config.shots
+    eps = eps_label(config.attack.eps).replace("/", "_")  # exact for multiples of 1/255, else 6 digits
+    resolved = json.dumps(_comparable(config.to_dict()), sort_keys=True)
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return Path(root) / f"{config.method}-{shots}shot-eps{eps}-seed{config.seed}-{digest}"
+
+
 def run_grid(grid: GridConfig, output_dir: str | Path, progress: bool = False) -> list[dict]:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(grid.device)
     rows: list[dict] = []
     eval_sets = {}
-    base = create_clip(grid.model, grid.pretrained, device=device)
+    base = create_clip(grid.model, grid.pretrained, device=device, quick_gelu=grid.quick_gelu)
     transform = pixel_transform(base.preprocess_cfg)
     for spec in grid.eval_data:
         try:
@@ -82,17 +96,15 @@ def run_grid(grid: GridConfig, output_dir: str | Path, progress: bool = False) -
                 continue  # zero-shot CLIP does not depend on shots or seeds
             model = PromptedCLIP(base, PromptConfig.from_dict(load_method(method).get("prompt"))).to(device)
         else:
-            run_dir = output_dir / "runs" / f"{method}-{shots}shot-eps{round(eps * 255)}-seed{seed}"
             config = TrainConfig.from_dict({
-                "model": grid.model, "pretrained": grid.pretrained, "method": method, "data": grid.train_data,
+                "model": grid.model, "pretrained": grid.pretrained, "quick_gelu": grid.quick_gelu, "method": method, "data": grid.train_data,
                 "shots": shots, "seed": seed, "epochs": grid.epochs, "batch_size": grid.batch_size, "lr": grid.lr,
-                "attack": _attack_for(eps), "output_dir": str(run_dir), "device": grid.device})
-            if (run_dir / "latest").is_file():
-                latest = json.loads((run_dir / (run_dir / "latest").read_text().strip() / "prompt_config.json").read_text())
-                if latest["epoch"] < grid.epochs:
-                    train(config, resume=True, progress=progress)
-            else:
-                train(config, progress=progress)
+                "attack": _attack_for(eps), "device": grid.device})
+            run_dir = run_dir_for(config, output_dir / "runs")
+            config.output_dir = str(run_dir)
+            # A run with checkpoints is resumed: train checks that its config.yaml is this config, continues
+            # an unfinished run and leaves a finished one as it is.
+            train(config, resume=(run_dir / LATEST_FILE).is_file(), progress=progress)
             model, _ = load_prompted_model(run_dir, pretrained=grid.pretrained, device=device)
         train_seconds = time.perf_counter() - started
         for spec, data in eval_sets.items():

@@ -64,6 +64,41 @@ def test_missing_data_is_a_clear_error_not_a_download(tmp_path, tiny_clip):
     assert not any(tmp_path.iterdir())
 
 
+def test_a_missing_image_folder_split_is_an_error_not_the_root(colour_folder, tiny_clip):
+    transform = pixel_transform(tiny_clip.preprocess_cfg)
+    # Before: the root was read instead, with "test" and "train" as the class names.
+    with pytest.raises(DataUnavailable, match=r"tset.*sub-folders of .*: test, train"):
+        load_dataset(f"imagefolder:{colour_folder}:tset", transform)
+    # No split still means the root itself holds the class folders.
+    assert load_dataset(f"imagefolder:{colour_folder / 'test'}", transform).classnames == ["blue", "green", "red"]
+
+
+def test_imagenet_without_its_split_folder_is_an_error(colour_folder, tiny_clip):
+    with pytest.raises(DataUnavailable, match=r"val.*sub-folders of .*: test, train"):
+        load_dataset(f"imagenet:{colour_folder}", pixel_transform(tiny_clip.preprocess_cfg))
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("cifar10:{root}:tset", r"unknown CIFAR10 split 'tset'; known: \['test', 'train'\]"),
+    ("mnist:{root}:val", "unknown MNIST split 'val'"),
+    ("stl10:{root}:unlabeled", "unknown STL10 split 'unlabeled'"),
+    ("oxford_pets:{root}:val", "unknown OxfordIIITPet split 'val'"),
+    ("toyworld_pairs::tset", "unknown toy-world split 'tset'"),  # ToyWorldTask has always refused it
+])
+def test_an_unknown_split_is_refused_before_any_data_is_read(tmp_path, tiny_clip, spec, message):
+    # Before: CIFAR and MNIST took any split but "train" for the test set (here: "not found" from the empty root).
+    with pytest.raises(ValueError, match=message):
+        load_dataset(spec.format(root=tmp_path), pixel_transform(tiny_clip.preprocess_cfg))
+
+
+def test_a_misspelt_fashion_mnist_split_is_not_read_as_the_test_set(tmp_path, tiny_clip):
+    for prefix in ("train", "t10k"):
+        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte", np.zeros((10, 28, 28)))
+        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte", np.arange(10))
+    with pytest.raises(ValueError, match="unknown Fashion-MNIST split 'tarin'"):
+        load_dataset(f"fashion_mnist:{tmp_path}:tarin", pixel_transform(tiny_clip.preprocess_cfg))
+
+
 def test_data_specs():
     assert parse_data_spec("cifar10:/data/cifar:test") == {"name": "cifar10", "root": "/data/cifar", "split": "test"}
     assert parse_data_spec("imagefolder:pets") == {"name": "imagefolder", "root": "pets", "split": None}

@@ -13,6 +13,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 
+from ..images import load_image_file
 from .fewshot import few_shot_indices
 from .templates import templates_for
 
@@ -52,11 +53,26 @@ def _folder_classnames(classes: list[str]) -> list[str]:
     return [name.replace("_", " ") for name in classes]
 
 
+def _check_split(dataset: str, split: str, known) -> None:
+    """A split outside ``known`` is refused before anything is read: CIFAR's and MNIST's ``train`` flag
+    and ``fashion_mnist_arrays`` would otherwise read any misspelling of "train" as the test set."""
+    if split not in known:
+        raise ValueError(f"unknown {dataset} split '{split}'; known: {sorted(known)}")
+
+
 def _image_folder(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
-    folder = root / split if split and (root / split).is_dir() else root
+    folder = root / split if split else root  # no split: the root itself holds the class folders
+    if split and not folder.is_dir():
+        # Falling back to the root would make "train"/"test" the class names, or evaluate on training images.
+        present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        listed = ", ".join(present[:10]) + (f", ... ({len(present) - 10} more)" if len(present) > 10 else "")
+        where = f"sub-folders of {root}: {listed or 'none'}" if root.is_dir() else f"{root} does not exist"
+        raise DataUnavailable(f"image folder not found: {folder} (split '{split}'; {where})")
     if not folder.is_dir():
         raise DataUnavailable(f"image folder not found: {folder} (expected one sub-folder of images per class)")
-    dataset = tvd.ImageFolder(str(folder), transform=transform)
+    # Decoded by the server's own decoder (EXIF orientation, alpha on white, 16-bit, CMYK), not PIL's
+    # plain convert("RGB"), so that accuracy measured here is accuracy on what the server sees.
+    dataset = tvd.ImageFolder(str(folder), transform=transform, loader=load_image_file)
     return dataset, _folder_classnames(dataset.classes)
 
 
@@ -67,18 +83,22 @@ def _imagenet(root: Path, split: str | None, transform) -> tuple[Dataset, list[s
     return dataset, list(IMAGENET_CLASSNAMES)
 
 
-def _torchvision(cls, split_kind: str, names: Callable[[list[str]], list[str]] | None = None):
-    """Builder for a torchvision dataset; ``split_kind`` says how its constructor takes the split."""
+# The splits a torchvision dataset is built with: split name -> its constructor's arguments.
+_TRAIN_FLAG = {"train": {"train": True}, "test": {"train": False}}
+
+
+def _split_arg(*splits: str, **aliases: str) -> dict[str, dict]:
+    """Splits passed as ``split=``; ``aliases`` name one of them another way (``train="trainval"``)."""
+    return {**{s: {"split": s} for s in splits}, **{a: {"split": s} for a, s in aliases.items()}}
+
+
+def _torchvision(cls, splits: dict[str, dict], names: Callable[[list[str]], list[str]] | None = None):
+    """Builder for a torchvision dataset; ``splits`` maps each split it accepts to constructor arguments."""
     def build(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
         split = split or "train"
-        if split_kind == "train_flag":
-            kwargs = {"train": split == "train"}
-        elif split_kind == "trainval":  # OxfordIIITPet calls its training split "trainval"
-            kwargs = {"split": "trainval" if split == "train" else split}
-        else:
-            kwargs = {"split": split}
+        _check_split(cls.__name__, split, splits)
         try:
-            dataset = cls(str(root), transform=transform, download=False, **kwargs)
+            dataset = cls(str(root), transform=transform, download=False, **splits[split])
         except (RuntimeError, FileNotFoundError) as err:
             raise DataUnavailable(f"{cls.__name__} not found under {root} ({err}). Download it once with "
                                   f"torchvision (download=True) on a machine with network access and pass that "
@@ -118,27 +138,29 @@ class _FashionMNIST(Dataset):
 
 def _fashion_mnist(root: Path, split: str | None, transform) -> tuple[Dataset, list[str]]:
     from .fashion import DEBIAN_ROOT, FASHION_MNIST_CLASSNAMES
+    split = split or "test"
+    _check_split("Fashion-MNIST", split, ("train", "test"))  # fashion_mnist_arrays reads any other split as "test"
     root = root if str(root) not in ("", ".") else Path(DEBIAN_ROOT)
-    return _FashionMNIST(root, split or "test", transform), [c.lower() for c in FASHION_MNIST_CLASSNAMES]
+    return _FashionMNIST(root, split, transform), [c.lower() for c in FASHION_MNIST_CLASSNAMES]
 
 
 DATASETS: dict[str, Callable] = {
     "imagefolder": _image_folder,
     "imagenet": _imagenet,
-    "cifar10": _torchvision(tvd.CIFAR10, "train_flag"),
-    "cifar100": _torchvision(tvd.CIFAR100, "train_flag"),
-    "mnist": _torchvision(tvd.MNIST, "train_flag", names=lambda classes: [c.split(" - ")[0] for c in classes]),
+    "cifar10": _torchvision(tvd.CIFAR10, _TRAIN_FLAG),
+    "cifar100": _torchvision(tvd.CIFAR100, _TRAIN_FLAG),
+    "mnist": _torchvision(tvd.MNIST, _TRAIN_FLAG, names=lambda classes: [c.split(" - ")[0] for c in classes]),
     "fashion_mnist": _fashion_mnist,  # Debian's gzipped idx files or torchvision's raw/ layout
     "toyworld_pairs": _toyworld("pairs"),
     "toyworld_shapes": _toyworld("shapes"),
     "toyworld_colours": _toyworld("colours"),
     "toyworld_counts": _toyworld("counts"),
-    "stl10": _torchvision(tvd.STL10, "split"),
-    "dtd": _torchvision(tvd.DTD, "split"),
-    "oxford_pets": _torchvision(tvd.OxfordIIITPet, "trainval"),
-    "food101": _torchvision(tvd.Food101, "split"),
-    "fgvc_aircraft": _torchvision(tvd.FGVCAircraft, "split"),
-    "stanford_cars": _torchvision(tvd.StanfordCars, "split"),
+    "stl10": _torchvision(tvd.STL10, _split_arg("train", "test")),  # its "unlabeled" images have label -1
+    "dtd": _torchvision(tvd.DTD, _split_arg("train", "val", "test")),
+    "oxford_pets": _torchvision(tvd.OxfordIIITPet, _split_arg("trainval", "test", train="trainval")),
+    "food101": _torchvision(tvd.Food101, _split_arg("train", "test")),
+    "fgvc_aircraft": _torchvision(tvd.FGVCAircraft, _split_arg("train", "val", "trainval", "test")),
+    "stanford_cars": _torchvision(tvd.StanfordCars, _split_arg("train", "test")),
 }
 
 
