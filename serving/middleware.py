@@ -1,11 +1,34 @@
 """What stands in front of every endpoint: request bodies over a size limit are answered 413 before
 any of them is parsed or spooled to disk, a multipart body without a boundary gets a 400, file fields
-take uploads only (never URLs to fetch), and refused requests are logged without their content."""
+take uploads only (never URLs to fetch), and refused requests are logged without their content.
+The last two patch BentoML internals and fail closed: see VERIFIED_BENTOML_VERSIONS."""
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import inspect
 import io
 import json
 import logging
+import os
+import types
+
+logger = logging.getLogger("capt.serving")
+
+# ``harden_multipart`` and ``redact_request_errors`` replace or filter private parts of BentoML (below);
+# these are the releases whose source they were checked against. Each patch also checks, when it is
+# applied, that what it replaces is still there and still the code it was written for (a rename would
+# otherwise add a dead attribute and leave the hole open), and raises RuntimeError if not, which stops
+# the server's start. Those checks catch renames and moves, not a change of behaviour under the same
+# names, so another release is refused too unless CAPT_ALLOW_UNVERIFIED_BENTOML=1 says that someone has
+# checked it (then it is a warning): run tests/test_bad_input.py and tests/test_middleware.py against it
+# and add it here.
+VERIFIED_BENTOML_VERSIONS = ("1.4.40",)
+ALLOW_UNVERIFIED_ENV = "CAPT_ALLOW_UNVERIFIED_BENTOML"
+# BentoML logs a refused request through ``log_exception`` of this module, on the module's own logger.
+REQUEST_ERROR_MODULE = "bentoml._internal.server.http_app"
+# The app of BentoML's new-style services (``@bentoml.service``), which imports that ``log_exception``.
+SERVICE_APP_MODULE = "_bentoml_impl.server.app"
 
 
 async def refuse(send, status: int, message: str) -> None:
@@ -80,6 +103,66 @@ class MultipartBoundaryRequired:
         return await self.app(scope, receive, send)
 
 
+def _bentoml_version() -> str:
+    return importlib.metadata.version("bentoml")
+
+
+def check_bentoml_version() -> str:
+    """The installed BentoML's version; RuntimeError if the patches were not verified against it
+    (a warning instead with CAPT_ALLOW_UNVERIFIED_BENTOML=1)."""
+    version = _bentoml_version()
+    if version in VERIFIED_BENTOML_VERSIONS:
+        return version
+    message = (f"BentoML {version} is installed; the request hardening in serving/middleware.py patches "
+               f"BentoML internals and was verified on {', '.join(VERIFIED_BENTOML_VERSIONS)} only")
+    if os.environ.get(ALLOW_UNVERIFIED_ENV) == "1":
+        logger.warning("%s (%s=1: serving anyway)", message, ALLOW_UNVERIFIED_ENV)
+        return version
+    raise RuntimeError(f"{message}. Install bentoml=={VERIFIED_BENTOML_VERSIONS[-1]} (requirements.txt), or check "
+                       f"this release and set {ALLOW_UNVERIFIED_ENV}=1")
+
+
+def _refuse_patch(what: str, problem: str) -> RuntimeError:
+    return RuntimeError(f"cannot harden BentoML {_bentoml_version()}: {what} {problem}; serving without this "
+                        f"patch would reopen the hole it closes (see serving/middleware.py), so the server stops")
+
+
+def _names_used(code: types.CodeType) -> set[str]:
+    """Global and attribute names a function's code uses, comprehensions' nested code included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _names_used(const)
+    return names
+
+
+def _original_method(cls: type, name: str, static: bool, must_use: str | None = None):
+    """``cls.name`` as BentoML defines it (in ``_bentoml_impl.serde``, on ``cls`` itself) or our patch
+    of it; anything else, e.g. missing after a rename, raises RuntimeError naming it."""
+    what = f"{cls.__module__}.{cls.__qualname__}.{name}"
+    attribute = cls.__dict__.get(name)
+    if attribute is None:
+        raise _refuse_patch(what, "does not exist (renamed or moved?)")
+    function = attribute.__func__ if isinstance(attribute, staticmethod) else attribute
+    if getattr(function, "_capt_patch", False):
+        return function
+    if isinstance(attribute, staticmethod) != static or not inspect.isfunction(function):
+        raise _refuse_patch(what, f"is no longer a {'static method' if static else 'method'}")
+    if function.__module__ != "_bentoml_impl.serde" or function.__qualname__ != f"{cls.__qualname__}.{name}":
+        raise _refuse_patch(what, f"is {function.__module__}.{function.__qualname__}, not BentoML's own")
+    if must_use and must_use not in _names_used(function.__code__):
+        raise _refuse_patch(what, f"no longer calls {must_use}")
+    return function
+
+
+def _ours(original):
+    """Marks a replacement as ours, keeping what it replaced (for a test or a debugger to get back)."""
+    def mark(function):
+        function._capt_patch, function._capt_original = True, original
+        return function
+    return mark
+
+
 def harden_multipart() -> None:
     """Two fixes to BentoML's multipart parsing (``MultipartSerde``), both found by schemathesis:
 
@@ -90,22 +173,41 @@ def harden_multipart() -> None:
     - a malformed body raises Starlette's HTTPException(400) (or the parser's own error), which
       BentoML turned into a 500. Here it is a
       400 with the same body as any other invalid request (``{"error", "detail"}``).
+
+    Called where the service module is imported, so that a failed check (RuntimeError) stops
+    ``bentoml serve`` before it serves. The logger ``redact_request_errors`` filters is checked here
+    too, for the same reason: that function itself runs later, in each worker. Calling it again is
+    harmless: what is already ours is left as it is.
     """
-    from _bentoml_impl.serde import MultipartSerde
+    check_bentoml_version()
+    request_error_logger()
+    try:
+        from _bentoml_impl import serde
+    except ImportError as err:
+        raise _refuse_patch("_bentoml_impl.serde", f"cannot be imported ({err})") from None
     from pydantic import ValidationError
     from python_multipart.exceptions import MultipartParseError
     from starlette.datastructures import UploadFile
     from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
+    MultipartSerde = getattr(serde, "MultipartSerde", None)
+    if not isinstance(MultipartSerde, type):
+        raise _refuse_patch("_bentoml_impl.serde.MultipartSerde", "does not exist (renamed or moved?)")
+    ensure_file = _original_method(MultipartSerde, "ensure_file", static=True)
+    # The URL download happens in ensure_file only as long as parse_request calls it for file fields.
+    parse_request = _original_method(MultipartSerde, "parse_request", static=False, must_use="ensure_file")
+    if getattr(ensure_file, "_capt_patch", False) and getattr(parse_request, "_capt_patch", False):
+        return
+
+    @_ours(MultipartSerde.__dict__["ensure_file"])
     async def as_upload(value):
         if isinstance(value, UploadFile):
             return value
         data = str(value).encode()
         return UploadFile(io.BytesIO(data), size=len(data), filename="text-field")
 
-    parse_request = MultipartSerde.parse_request
-
+    @_ours(parse_request)
     async def parse_or_refuse(self, request, cls):
         try:
             return await parse_request(self, request, cls)
@@ -119,6 +221,14 @@ def harden_multipart() -> None:
 
     MultipartSerde.ensure_file = staticmethod(as_upload)
     MultipartSerde.parse_request = parse_or_refuse
+    # What BentoML will find: ours, on every serde it parses forms with (it picks one per media type).
+    serdes = getattr(serde, "ALL_SERDE", {})
+    if serdes.get("multipart/form-data") is not MultipartSerde:
+        raise _refuse_patch("_bentoml_impl.serde.ALL_SERDE['multipart/form-data']", "is not MultipartSerde")
+    for media, cls in serdes.items():
+        takes_files = hasattr(cls, "ensure_file")
+        if takes_files and (cls.ensure_file is not as_upload or cls.parse_request is not parse_or_refuse):
+            raise _refuse_patch(f"the serde for {media} ({cls.__qualname__})", "does not use the patched methods")
 
 
 class _RedactValidationErrors(logging.Filter):
@@ -136,5 +246,32 @@ class _RedactValidationErrors(logging.Filter):
         return True
 
 
+def request_error_logger(module_name: str = REQUEST_ERROR_MODULE,
+                         app_module: str = SERVICE_APP_MODULE) -> logging.Logger:
+    """The logger BentoML logs a refused request through, checked to be the one it really uses: the
+    service app calls ``log_exception`` of ``module_name``, which logs on that module's
+    ``logging.getLogger(__name__)``. Anything else raises RuntimeError: a filter on a logger that
+    nobody logs through would let request content reach the log unnoticed."""
+    try:
+        module = importlib.import_module(module_name)
+        app = importlib.import_module(app_module)
+    except ImportError as err:
+        raise _refuse_patch(f"module {err.name or module_name} (where BentoML logs request errors)",
+                            "cannot be imported") from None
+    found = getattr(module, "logger", None)
+    if not isinstance(found, logging.Logger) or found is not logging.getLogger(module_name):
+        raise _refuse_patch(f"{module_name}.logger", "is not logging.getLogger(__name__)")
+    log_exception = getattr(module, "log_exception", None)
+    if not (inspect.isfunction(log_exception) and log_exception.__globals__ is vars(module)
+            and "logger" in _names_used(log_exception.__code__)):
+        raise _refuse_patch(f"{module_name}.log_exception", "does not exist or does not log on the module's logger")
+    if getattr(app, "log_exception", None) is not log_exception:
+        raise _refuse_patch(f"{app_module}.log_exception", f"is not {module_name}.log_exception")
+    return found
+
+
 def redact_request_errors() -> None:
-    logging.getLogger("bentoml._internal.server.http_app").addFilter(_RedactValidationErrors())
+    """Filters BentoML's request error log (``_RedactValidationErrors``); once per process."""
+    request_errors = request_error_logger()
+    if not any(isinstance(f, _RedactValidationErrors) for f in request_errors.filters):
+        request_errors.addFilter(_RedactValidationErrors())

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,11 +18,10 @@ import torch
 from PIL import Image
 
 from capt.attacks import PGD
-from capt.checkpoint import load_prompted_model
-from capt.models import pixel_transform
+from capt.data.templates import check_template
+from capt.images import pixel_transform
 from capt.prompts import ZeroShotClassifier
-from export.bundle import verify_bundle
-from export.onnx_export import BASE_WEIGHTS, IMAGE_ONNX, TEXT_ONNX, cuda_unavailable_reason, onnx_session
+from export.bundle import cuda_unavailable_reason, load_bundle
 
 from .errors import Busy, ProbeTimeout, RequestError
 from .images import png_base64
@@ -82,27 +82,63 @@ class _Deadline(torch.nn.Module):
         return self.classifier(pixels)
 
 
+# Said in an answer whose templates were given but not used (see ``ServingModel.templates_apply``).
+TEMPLATES_IGNORED_NOTE = ("this model has learned text prompts: its learned context replaces a template's words, "
+                          "so the templates given were not used")
+
+
 class LabelCache:
-    """LRU of class embeddings keyed by (labels, templates)."""
+    """LRU of class embeddings keyed by (labels, templates), safe on the server's worker threads.
+
+    Each key is computed once: the first caller of a missing key computes it, and callers of the same
+    key arriving meanwhile wait for that result instead of paying for the same encode. A compute that
+    raises (a label too long for the context, say) hands its error to every waiter and caches nothing,
+    so a later call tries again.
+
+    ``misses`` counts calls that ran a compute (failed ones too: the work was paid); ``hits`` counts
+    calls answered without one, from the cache or from another caller's compute. A waiter whose compute
+    failed is neither. Callers learn their own outcome from ``get_or_compute``'s flag: comparing the
+    shared counters before and after a call is wrong as soon as two requests overlap."""
 
     def __init__(self, size: int):
         self.size, self.hits, self.misses = size, 0, 0
         self._entries: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._in_flight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
 
-    def get_or_compute(self, key: tuple, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def get_or_compute(self, key: tuple, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
+        """(value, hit): ``hit`` is False for the call that ran ``compute``, True otherwise."""
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 self.hits += 1
-                return self._entries[key]
-            self.misses += 1
-        value = compute()
+                return self._entries[key], True
+            pending = self._in_flight.get(key)
+            computes = pending is None
+            if computes:
+                pending = self._in_flight[key] = Future()
+                self.misses += 1
+        if not computes:
+            value = pending.result()  # raises the computing caller's error
+            with self._lock:
+                self.hits += 1
+            return value, True
+        try:
+            value = compute()
+        except BaseException as err:
+            # Removed before the waiters are woken: a call from now on retries instead of getting this error.
+            with self._lock:
+                del self._in_flight[key]
+            pending.set_exception(err)
+            raise
         with self._lock:
+            # Cached and no longer in flight in one step: a new caller finds one or the other.
             self._entries[key] = value
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)
-        return value
+            del self._in_flight[key]
+        pending.set_result(value)
+        return value, False
 
 
 def validate_labels(labels: Sequence[str], templates: Sequence[str] | None, limits: Limits, minimum: int = 1) -> tuple[list[str], list[str] | None]:
@@ -124,8 +160,11 @@ def validate_labels(labels: Sequence[str], templates: Sequence[str] | None, limi
         if not templates or len(templates) > limits.max_templates:
             raise RequestError(f"give 1..{limits.max_templates} templates")
         for template in templates:
-            if not isinstance(template, str) or template.count("{}") != 1:
-                raise RequestError(f"template must contain '{{}}' exactly once: {template!r}")
+            # Checked whether or not the bundle will use templates: a request is valid or not on its own.
+            try:
+                check_template(template)
+            except ValueError as err:
+                raise RequestError(str(err)) from None
     return labels, templates
 
 
@@ -133,22 +172,23 @@ class ServingModel:
     """A verified bundle, loaded for serving. ``classify`` takes an ``encode`` function (the service
     passes its cross-request batcher); by default the local ONNX session runs it."""
 
-    def __init__(self, bundle_dir: str | Path, limits: Limits | None = None, providers: Sequence[str] | None = None):
-        self.bundle_dir = Path(bundle_dir)
-        self.manifest = verify_bundle(self.bundle_dir)
+    def __init__(self, bundle_dir: str | Path, limits: Limits | None = None, providers: Sequence[str] | None = None,
+                 check_twin: bool = True):
+        """``check_twin=False`` skips comparing the probe's twin with the graphs, for a process whose
+        parent already did (``bentoml serve`` checks once before starting its workers)."""
+        self.bundle = load_bundle(bundle_dir, providers, check=check_twin)
+        self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.limits = limits or Limits()
-        self.image_session = onnx_session(self.bundle_dir / IMAGE_ONNX, providers)
-        self.text_session = onnx_session(self.bundle_dir / TEXT_ONNX, providers)
-        self.provider = self.image_session.get_providers()[0]
+        self.image_session, self.text_session = self.bundle.image_session, self.bundle.text_session
+        self.provider = self.bundle.provider
         self.provider_note = None
         if self.provider != "CUDAExecutionProvider":
             reason = cuda_unavailable_reason() or "the CUDA provider failed to start"
             self.provider_note = f"running on {self.provider}: {reason}"
             logger.warning("ONNX Runtime %s", self.provider_note)
-        pretrained = str(self.bundle_dir / BASE_WEIGHTS) if self.manifest.get("base_weights") else self.manifest["pretrained"]
-        self.torch_model, _ = load_prompted_model(self.bundle_dir, pretrained=pretrained or "none")
+        self.torch_model = self.bundle.twin
         self.transform = pixel_transform(self.torch_model.preprocess_cfg)
-        self.logit_scale = float(self.manifest["logit_scale"])
+        self.logit_scale = self.bundle.logit_scale
         self.label_cache = LabelCache(self.limits.label_cache_size)
         self.probe_slots = threading.BoundedSemaphore(self.limits.max_concurrent_probes)
         self.probes_run = 0
@@ -168,7 +208,7 @@ class ServingModel:
     def check_labels_fit(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> None:
         """Labels whose text would be cut by the tokenizer's context are refused, not truncated:
         a truncated label silently becomes another label."""
-        used_templates = [None] if self.torch_model.config.text_n_ctx or not templates else list(templates)
+        used_templates = list(templates) if self.templates_apply(templates) else [None]
         for template in used_templates:
             fits = self.torch_model.fits_context(labels, template)
             if not all(fits):
@@ -176,16 +216,40 @@ class ServingModel:
                 raise RequestError(f"label {too_long[:60]!r}{'...' if len(too_long) > 60 else ''} is longer than the "
                                    f"text context of {self.manifest['tokenizer']['context_length']} tokens")
 
+    def templates_apply(self, templates: Sequence[str] | None) -> bool:
+        """Whether a request's templates shape its class embeddings. Not on a bundle with learned text
+        prompts: there the learned context is the template, and the given ones are accepted and ignored."""
+        return bool(templates) and not self.torch_model.config.text_n_ctx
+
+    def templates_report(self, templates: Sequence[str] | None) -> dict:
+        """What an answer says about its templates: ``templates_applied`` is always a bool, True only when
+        the request's templates were used (no templates given: False, the bundle's own prompt was used);
+        templates given but ignored come with a ``templates_note`` saying why, so that a client does not
+        take an answer for a template ensemble it was never given."""
+        applied = self.templates_apply(templates)
+        if templates and not applied:
+            return {"templates_applied": False, "templates_note": TEMPLATES_IGNORED_NOTE}
+        return {"templates_applied": applied}
+
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
         """[C, D] embeddings of a label set; templates are averaged CLIP-style (hand prompts only:
         with learned text prompts the learned context is the template)."""
+        return self.cached_class_embeddings(labels, templates)[0]
+
+    def cached_class_embeddings(self, labels: Sequence[str], templates: Sequence[str] | None = None
+                                ) -> tuple[np.ndarray, bool]:
+        """(``class_embeddings``, whether this call found them in the label cache)."""
+        applied = self.templates_apply(templates)
+
         def compute() -> np.ndarray:
             self.check_labels_fit(labels, templates)
-            if self.torch_model.config.text_n_ctx or not templates:
+            if not applied:
                 return self.encode_texts(labels)
             stacked = np.stack([self.encode_texts(labels, t) for t in templates]).mean(0)
             return stacked / np.linalg.norm(stacked, axis=-1, keepdims=True)
-        return self.label_cache.get_or_compute((tuple(labels), tuple(templates or ())), compute)
+        # Templates that are not applied are not part of the key: the embeddings are the label set's own.
+        key = (tuple(labels), tuple(templates) if applied else ())
+        return self.label_cache.get_or_compute(key, compute)
 
     # ---- classification -----------------------------------------------------------------------
     def classify_embeddings(self, image_embeddings: np.ndarray, labels: list[str], class_embeddings: np.ndarray,
@@ -201,6 +265,14 @@ class ServingModel:
 
     def classify(self, images: Sequence[Image.Image], labels: Sequence[str], templates: Sequence[str] | None = None,
                  top_k: int = 5, encode: Callable[[np.ndarray], np.ndarray] | None = None) -> list[list[dict]]:
+        """Per image, the ``top_k`` labels with their probabilities (``classify_answer``'s predictions)."""
+        return self.classify_answer(images, labels, templates, top_k, encode)["predictions"]
+
+    def classify_answer(self, images: Sequence[Image.Image], labels: Sequence[str],
+                        templates: Sequence[str] | None = None, top_k: int = 5,
+                        encode: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+        """The classify endpoints' answer: ``predictions``, ``label_cache_hit`` (this request's own
+        lookup) and ``templates_applied`` (with ``templates_note`` when given templates were ignored)."""
         labels, templates = validate_labels(labels, templates, self.limits)
         if not images:
             raise RequestError("no image given")
@@ -208,8 +280,11 @@ class ServingModel:
             raise RequestError(f"too many images: {len(images)} > {self.limits.max_images}")
         if not 1 <= top_k <= self.limits.max_top_k:
             raise RequestError(f"top_k must be in 1..{self.limits.max_top_k}")
+        # Labels first: one too long for the text context is refused before any image is encoded.
+        class_embeddings, hit = self.cached_class_embeddings(labels, templates)
         embeddings = (encode or self.encode_images)(self.pixels(images))
-        return self.classify_embeddings(np.asarray(embeddings), labels, self.class_embeddings(labels, templates), top_k)
+        return {"predictions": self.classify_embeddings(np.asarray(embeddings), labels, class_embeddings, top_k),
+                "label_cache_hit": hit, **self.templates_report(templates)}
 
     # ---- probe --------------------------------------------------------------------------------
     def _check_probe_args(self, labels, true_label, eps, steps, step_size, restarts):
@@ -321,7 +396,8 @@ class ServingModel:
     def info(self) -> dict:
         m = self.manifest
         return {"model": m["model"], "method": m.get("method"), "pretrained": m.get("pretrained"),
-                "prompt": m["prompt"], "image_size": m["inputs"]["image"]["shape"][-1],
+                "quick_gelu": m["quick_gelu"], "prompt": m["prompt"], "image_size": m["inputs"]["image"]["shape"][-1],
+                "tokenizer": m["tokenizer"],  # how to reproduce the text encoder's token ids
                 "parity": {k: m["parity"][k] for k in ("max_abs_diff", "top1_agreement")},
                 "onnx_provider": self.provider, "onnx_provider_note": self.provider_note, "limits": self.limits.to_dict(),
                 "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},

@@ -21,7 +21,8 @@ from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse
 
-from export.bundle import BundleError, bundle_path_from_store, verify_bundle
+from capt import default_model
+from export.bundle import BundleError, bundle_path_from_store, load_bundle, verify_bundle
 
 from .batching import MicroBatcher
 from .errors import ClientError, RequestError
@@ -30,7 +31,6 @@ from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipa
 from .model import Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
-DEFAULT_TAG = "capt-default:latest"
 
 
 def bundle_dir() -> Path:
@@ -40,7 +40,7 @@ def bundle_dir() -> Path:
         path = Path(os.environ["CAPT_BUNDLE"])
         verify_bundle(path)
         return path
-    return bundle_path_from_store(os.environ.get("CAPT_MODEL_TAG", DEFAULT_TAG))
+    return bundle_path_from_store(os.environ.get("CAPT_MODEL_TAG", default_model.STORE_TAG))
 
 
 class ClassifyJSON(BaseModel):
@@ -67,9 +67,10 @@ class Classifier:
     @bentoml.on_deployment
     def check_bundle() -> None:
         """Once, before any worker starts: a bad bundle stops ``bentoml serve`` here with the file's
-        name, instead of workers failing and being restarted forever."""
+        name, instead of workers failing and being restarted forever. Bad means a file that does not
+        match the manifest, or a probe twin that does not compute what the ONNX graphs compute."""
         try:
-            bundle_dir()
+            load_bundle(bundle_dir(), ["CPUExecutionProvider"], check=True)
         except bentoml.exceptions.NotFound as err:
             raise SystemExit(f"refusing to serve: {err}. Export one with `capt export` or run "
                              f"`python -m serving.prepare` for the default model.") from None
@@ -79,7 +80,7 @@ class Classifier:
 
     def __init__(self) -> None:
         redact_request_errors()
-        self.model = ServingModel(bundle_dir(), Limits.from_env())
+        self.model = ServingModel(bundle_dir(), Limits.from_env(), check_twin=False)  # check_bundle did
         self.batch_sizes = bentoml.metrics.Histogram(name="capt_image_batch_size", documentation="images per encoder batch",
                                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.encode_images = MicroBatcher(self.model.encode_images, max_batch=self.model.limits.max_batch,
@@ -92,12 +93,14 @@ class Classifier:
         self.probe_seconds = bentoml.metrics.Histogram(name="capt_probe_seconds", documentation="probe time",
                                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
 
+    def _count_label_lookup(self, hit: bool) -> None:
+        # From this request's own flag: the cache's shared counters move under concurrent requests too.
+        (self.cache_hits if hit else self.cache_misses).inc()
+
     def _classify(self, images: list[Image], labels: list[str], templates: list[str] | None, top_k: int) -> dict:
-        hits, misses = self.model.label_cache.hits, self.model.label_cache.misses
-        ranked = self.model.classify(images, labels, templates, top_k, encode=self.encode_images)
-        self.cache_hits.inc(self.model.label_cache.hits - hits)
-        self.cache_misses.inc(self.model.label_cache.misses - misses)
-        return {"predictions": ranked, "label_cache_hit": self.model.label_cache.hits > hits}
+        answer = self.model.classify_answer(images, labels, templates, top_k, encode=self.encode_images)
+        self._count_label_lookup(answer["label_cache_hit"])
+        return answer
 
     def _decode(self, uploads: list[Path]) -> list[Image]:
         """Uploads are taken as files, not as BentoML-decoded images, so that every one goes through
@@ -135,8 +138,14 @@ class Classifier:
 
     @bentoml.api
     def embed_text(self, labels: list[str], templates: list[str] | None = None) -> dict:
-        return _answer(lambda: {"embeddings": self.model.class_embeddings(
-            *validate_labels(labels, templates, self.model.limits)).tolist()})
+        """Class embeddings of a label set, with ``templates_applied`` as in classify."""
+        def work() -> dict:
+            checked_labels, checked_templates = validate_labels(labels, templates, self.model.limits)
+            embeddings, hit = self.model.cached_class_embeddings(checked_labels, checked_templates)
+            self._count_label_lookup(hit)
+            return {"embeddings": embeddings.tolist(), "label_cache_hit": hit,
+                    **self.model.templates_report(checked_templates)}
+        return _answer(work)
 
     @bentoml.api
     def probe(self, image: Path, labels: list[str], true_label: str | None = None, eps: float = 4 / 255,

@@ -81,11 +81,24 @@ def test_exif_rotated_jpeg_is_classified_upright(server):
     (["cat", "  "], {}, "must not be empty"),
     (["cat", "word " * 40], {}, "longer than the text context"),
     (["cat", "dog"], {"templates": json.dumps(["a photo"])}, "exactly once"),
+    (["cat", "dog"], {"templates": json.dumps(["{0.__class__} a photo of {}"])}, "exactly once"),
+    (["cat", "dog"], {"templates": json.dumps(["a photo of {!r}"])}, "plain '{}'"),
     ([f"label {i}" for i in range(TEST_LIMITS["CAPT_MAX_LABELS"] + 1)], {}, "too many labels"),
     (["cat", "dog"], {"top_k": 0}, "top_k"),
 ])
 def test_bad_label_sets_are_400(server, labels, fields, message):
     assert message in _error(post_classify(server.url, [toy_image()], labels, **fields))
+
+
+def test_templates_a_text_prompted_model_does_not_use_are_accepted_and_said_so(server):
+    """The default model's learned text context replaces a template: the answer says it was not used."""
+    image = base64.b64encode(png_bytes(toy_image())).decode()
+    body = {"request": {"images": [image], "labels": LABELS, "templates": ["a {{toy}} photo of a {}."]}}
+    answer = httpx.post(f"{server.url}/classify_json", json=body, timeout=60).json()
+    assert answer["templates_applied"] is False and "learned" in answer["templates_note"]
+    without = httpx.post(f"{server.url}/classify_json", json={"request": {"images": [image], "labels": LABELS}},
+                         timeout=60).json()
+    assert without["templates_applied"] is False and "templates_note" not in without
 
 
 @pytest.mark.parametrize("labels,fields,message", [

@@ -13,6 +13,7 @@ def test_health_and_metrics(server):
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     info = httpx.post(f"{server.url}/info", json={}).json()
     assert info["model"] == "capt-toy-vit" and info["onnx_provider"] == "CPUExecutionProvider"
+    assert info["quick_gelu"] is False and info["tokenizer"]["dropped_template_tokens"] == 2
     # No GPU here: the fallback is said in `info` and in the log.
     assert "no CUDA device" in info["onnx_provider_note"]
     assert "running on CPUExecutionProvider" in server.log.read_text()
@@ -95,22 +96,28 @@ def test_probe_with_a_large_eps_flips_the_default_model(server):
     assert "capt_probes" in httpx.get(f"{server.url}/metrics").text
 
 
-@pytest.mark.parametrize("damage", ["tamper", "truncate"])
+@pytest.mark.parametrize("damage", ["tamper", "truncate", "twin"])
 def test_a_damaged_bundle_stops_the_server_naming_the_file(default_bundle, tmp_path, damage):
     import shutil
-    from serving.launch import bentoml_serve
+    from conftest import alter_twin_weights
+    from tools.launch import bentoml_serve
     bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle, bundle)
-    graph = bundle / "text_encoder.onnx"
-    data = graph.read_bytes()
-    if damage == "tamper":
-        graph.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+    named = "text_encoder.onnx"
+    if damage == "twin":  # checksums all right, but the probe's twin is another model than the graphs
+        alter_twin_weights(default_bundle, bundle, "visual.proj")
+        named = "twin disagrees with image_encoder.onnx"
     else:
-        graph.write_bytes(data[: len(data) // 2])
+        shutil.copytree(default_bundle, bundle)
+        graph = bundle / named
+        data = graph.read_bytes()
+        if damage == "tamper":
+            graph.write_bytes(data[:1000] + bytes([data[1000] ^ 1]) + data[1001:])
+        else:
+            graph.write_bytes(data[: len(data) // 2])
     with bentoml_serve(bundle, tmp_path / "serve.log", ready_within=120, check=False) as running:
         assert running.process.wait(timeout=120) != 0
     log = running.log.read_text()
-    assert "refusing to serve" in log and "text_encoder.onnx" in log
+    assert "refusing to serve" in log and named in log
 
 
 def test_model_names_never_become_paths_outside_the_store():
