@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,19 +39,62 @@ def parse_eps(value: Any) -> float:
     return eps
 
 
+# ``alpha: "eps/1.5"``, ``"0.5*eps"``, ``"2*eps/3"`` or ``"eps"``: a step size relative to the attack's eps.
+_NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
+_RELATIVE_TO_EPS = re.compile(rf"^\s*(?:{_NUMBER}\s*\*\s*)?eps\s*(?:/\s*{_NUMBER})?\s*$")
+
+# Default step size: ``steps * alpha = 2 * eps``. This is the method page's training attack (2 steps of
+# eps at 1/255, 3 steps of eps/1.5 above; ``capt.replicate._attack_for``), and the least total travel of
+# signed steps that reaches every point of the ball (2 eps wide per pixel) from any random start.
+DEFAULT_TRAVEL_IN_EPS = 2.0
+
+
+def parse_alpha(value: Any, eps: float) -> float:
+    """A step size as ``parse_eps`` reads it, or relative to ``eps`` (``"eps/1.5"``, ``"0.5*eps"``)."""
+    if isinstance(value, str) and "eps" in value:
+        match = _RELATIVE_TO_EPS.match(value)
+        if not match:
+            raise ValueError(f"not a step size relative to eps (e.g. 'eps/1.5', '0.5*eps'): '{value}'")
+        factor, divisor = (float(g) if g else 1.0 for g in match.groups())
+        if divisor == 0:
+            raise ValueError(f"not a step size relative to eps (division by zero): '{value}'")
+        return parse_eps(factor / divisor * eps)
+    return parse_eps(value)
+
+
 @dataclass
 class AttackConfig(Options):
+    """PGD of the training loop. ``alpha`` left out (None) becomes ``2 * eps / steps`` (see
+    ``DEFAULT_TRAVEL_IN_EPS``) and is stored resolved, so run records and the resume check hold the
+    step size that was used; an explicit ``alpha`` (absolute or relative to eps) is kept."""
     SECTION = "attack"
 
     eps: float = 1 / 255
-    alpha: float = 1 / 255
+    alpha: float | None = None
     steps: int = 2
     loss: str = "ce"
     random_start: bool = True
 
+    def __post_init__(self):
+        if self.steps < 0:
+            raise ValueError(f"attack steps must be >= 0, got {self.steps}")
+        if self.alpha is None:
+            # No steps, no attack: the step size is then never used.
+            self.alpha = DEFAULT_TRAVEL_IN_EPS * self.eps / self.steps if self.steps else 0.0
+        # Relative margin: eps / steps * steps may round just below eps.
+        if self.steps and self.steps * self.alpha < self.eps * (1 - 1e-9):
+            warnings.warn(f"attack: {self.steps} step(s) of {self.alpha:.4g} travel {self.steps * self.alpha:.4g} < "
+                          f"eps {self.eps:.4g}: the attack cannot reach the edge of its ball (leave alpha out for "
+                          f"{DEFAULT_TRAVEL_IN_EPS:g} * eps / steps)", UserWarning, stacklevel=2)
+
     @classmethod
     def _convert(cls, values: dict) -> dict:
-        return {k: parse_eps(v) if k in ("eps", "alpha") else v for k, v in values.items()}
+        values = dict(values)
+        if "eps" in values:
+            values["eps"] = parse_eps(values["eps"])
+        if values.get("alpha") is not None:
+            values["alpha"] = parse_alpha(values["alpha"], values.get("eps", cls.eps))
+        return values
 
 
 def load_method(name: str) -> dict:
@@ -63,6 +108,7 @@ def load_method(name: str) -> dict:
 class TrainConfig:
     model: str = "capt-tiny-vit"
     pretrained: str | None = None
+    quick_gelu: bool | None = None  # None: what the pretrained tag (or the model name) says; see capt.models
     method: str = "capt"
     data: dict = field(default_factory=lambda: {"name": "imagefolder", "root": "data", "split": "train"})
     shots: int | None = 16

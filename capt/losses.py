@@ -66,22 +66,24 @@ def adaptive_alpha(frozen_logits: torch.Tensor | None, labels: torch.Tensor, con
 
 
 def capt_loss(config: LossConfig, labels: torch.Tensor, clean_logits: torch.Tensor, adv_logits: torch.Tensor,
-              frozen_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Returns the loss and its parts (as floats, for logging)."""
+              frozen_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns the loss and its parts for logging: detached 0-d tensors on the logits' device, not
+    floats, so that the trainer reads them back once per epoch instead of syncing on every part of
+    every step."""
     ce = F.cross_entropy((clean_logits if config.ce_on == "clean" else adv_logits).float(), labels)
-    loss, parts = ce, {"ce": ce.item()}
+    loss, parts = ce, {"ce": ce.detach()}
     if config.uses_adversarial_kl:
         alpha = adaptive_alpha(frozen_logits, labels, config)
         regulariser = torch.zeros_like(alpha)
         if config.trades:
             trades = kl_per_sample(F.softmax(clean_logits.detach().float(), dim=-1), adv_logits)
             regulariser = regulariser + (1 - alpha) * trades
-            parts["kl_trades"] = trades.mean().item()
+            parts["kl_trades"] = trades.detach().mean()
         if config.consistency:
             consistency = kl_per_sample(F.softmax(frozen_logits.detach().float(), dim=-1), adv_logits)
             regulariser = regulariser + alpha * consistency
-            parts["kl_consistency"] = consistency.mean().item()
-        parts["alpha"] = alpha.mean().item()
+            parts["kl_consistency"] = consistency.detach().mean()
+        parts["alpha"] = alpha.detach().mean()
         loss = loss + config.lam * regulariser.mean()
-    parts["loss"] = loss.item()
+    parts["loss"] = loss.detach()
     return loss, parts

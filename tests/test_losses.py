@@ -51,14 +51,14 @@ def by_hand(config, ce_input):
 def test_capt_loss_matches_hand_computation(config):
     loss, parts = capt_loss(config, LABELS, CLEAN, ADV, FROZEN)
     assert loss.item() == pytest.approx(by_hand(config, CLEAN), rel=1e-5)
-    assert parts["loss"] == pytest.approx(loss.item())
-    assert parts["ce"] == pytest.approx(cross_entropy(CLEAN, LABELS), rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(loss.item())
+    assert parts["ce"].item() == pytest.approx(cross_entropy(CLEAN, LABELS), rel=1e-5)
 
 
 def test_soft_alpha_is_the_frozen_probability_of_the_true_class():
     _, parts = capt_loss(LossConfig(), LABELS, CLEAN, ADV, FROZEN)
     expected = (softmax(FROZEN[0].tolist())[0] + softmax(FROZEN[1].tolist())[2]) / 2
-    assert parts["alpha"] == pytest.approx(expected, rel=1e-6)
+    assert parts["alpha"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_fap_is_ce_plus_one_and_a_half_trades():
@@ -73,6 +73,14 @@ def test_adversarial_ce_alone_for_apt_style_methods():
     loss, parts = capt_loss(LossConfig(ce_on="adv", lam=0.0), LABELS, CLEAN, ADV)
     assert loss.item() == pytest.approx(cross_entropy(ADV, LABELS), rel=1e-6)
     assert set(parts) == {"ce", "loss"}
+
+
+def test_parts_are_detached_tensors_that_the_trainer_reads_back_once_per_epoch():
+    clean, adv = CLEAN.clone().requires_grad_(True), ADV.clone().requires_grad_(True)
+    _, parts = capt_loss(LossConfig(), LABELS, clean, adv, FROZEN)
+    assert set(parts) == {"ce", "kl_trades", "kl_consistency", "alpha", "loss"}
+    for name, part in parts.items():
+        assert isinstance(part, torch.Tensor) and part.dim() == 0 and not part.requires_grad, name
 
 
 def test_kl_targets_are_detached():

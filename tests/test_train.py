@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import yaml
 
 from capt.checkpoint import load_prompted_model, read_checkpoint, resolve_checkpoint
 from capt.cli import main
-from capt.config import TrainConfig, list_methods, load_method
+from capt.config import AttackConfig, TrainConfig, list_methods, load_method, parse_eps
 from capt.train import train
 
 TRAINABLE = [m for m in list_methods() if load_method(m).get("trainable", True)]
@@ -29,6 +30,47 @@ def test_every_baseline_is_a_config_of_the_same_trainer():
     assert set(list_methods()) == {"zeroshot", "apt", "advvp", "advmaple", "fap", "capt"}
     with pytest.raises(ValueError, match="nothing to train"):
         TrainConfig.from_dict({"method": "zeroshot"})
+
+
+@pytest.mark.parametrize("eps, steps", [("1/255", 2), ("4/255", 2), ("4/255", 3), ("8/255", 10)])
+def test_default_attack_step_scales_with_eps_and_steps(eps, steps):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default step size must never trigger the reach warning
+        attack = AttackConfig.from_dict({"eps": eps, "steps": steps})
+    assert attack.alpha == pytest.approx(2 * parse_eps(eps) / steps, rel=1e-12)
+
+
+def test_explicit_attack_step_is_kept_absolute_or_relative_to_eps():
+    assert AttackConfig.from_dict({"eps": "4/255", "alpha": "1/255", "steps": 8}).alpha == pytest.approx(1 / 255)
+    assert AttackConfig.from_dict({"eps": "3/255", "alpha": "eps/1.5", "steps": 3}).alpha == pytest.approx(2 / 255)
+    assert AttackConfig.from_dict({"eps": "4/255", "alpha": "0.5*eps", "steps": 4}).alpha == pytest.approx(2 / 255)
+    with pytest.raises(ValueError, match="relative to eps"):
+        AttackConfig.from_dict({"eps": "4/255", "alpha": "eps*2"})
+
+
+@pytest.mark.parametrize("eps, alpha, steps, warns", [
+    ("4/255", "1/255", 2, True),      # 2/255 of travel in a 4/255 ball
+    ("4/255", "1/255", 3, True),
+    ("4/255", "1/255", 4, False),     # exactly reaches the edge
+    ("4/255", "2.67/255", 3, False),
+    ("3/255", "eps/3", 3, False),     # eps / 3 * 3 may round below eps: no warning for that
+    ("1/255", "1/255", 0, False),     # no steps: no attack, nothing to reach
+    (0, "1/255", 2, False),
+])
+def test_an_attack_that_cannot_reach_the_edge_of_its_ball_warns(eps, alpha, steps, warns):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AttackConfig.from_dict({"eps": eps, "alpha": alpha, "steps": steps})
+    reach = [w for w in caught if issubclass(w.category, UserWarning) and "cannot reach" in str(w.message)]
+    assert len(reach) == (1 if warns else 0)
+
+
+def test_the_run_records_the_resolved_attack_step(tmp_path, colour_folder):
+    config = make_config(tmp_path, colour_folder, epochs=1, attack={"eps": "4/255", "steps": 4})
+    run_dir = train(config, progress=False)
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["attack"]
+    assert saved["alpha"] == config.attack.alpha == pytest.approx(2 / 255, rel=1e-12)
+    assert read_checkpoint(run_dir)[0]["attack"]["alpha"] == saved["alpha"]
 
 
 @pytest.mark.parametrize("method", TRAINABLE)
