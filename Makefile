@@ -11,7 +11,9 @@ PORT ?= 3000
 $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-test.txt
-	# torchattacks pins an old `requests`; it is only the tests' independent PGD reference.
+	# torchattacks runs `capt eval --attack` apgd-ce/apgd-t/fab-t/square/autoattack (and is the tests' independent
+	# PGD reference). --no-deps: it pins requests~=2.25.1, which it never imports; what it does import (torch,
+	# numpy, scipy, tqdm) comes from requirements*.txt and pyproject.toml.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)

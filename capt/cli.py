@@ -21,6 +21,7 @@ def _train(args) -> None:
 def _eval(args) -> None:
     import torch
 
+    from .attacks.autoattack import check_attack_names, require_backend
     from .checkpoint import load_prompted_model
     from .config import load_method
     from .data import load_dataset
@@ -29,6 +30,8 @@ def _eval(args) -> None:
     from .prompts import PromptConfig, PromptedCLIP
     from .train import resolve_device
 
+    attacks = check_attack_names(args.attacks or ["pgd"])
+    require_backend(attacks)  # a missing torchattacks is said before the model loads, with the install command
     device = resolve_device(args.device)
     if args.checkpoint:
         model, meta = load_prompted_model(args.checkpoint, pretrained=args.pretrained, device=device)
@@ -49,8 +52,9 @@ def _eval(args) -> None:
         data = load_dataset(spec, transform)
         torch.manual_seed(args.seed)
         results.append(evaluate(model, data, args.eps, steps=args.steps, batch_size=args.batch_size,
-                                max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress))
-    json_path, md_path = write_results(results, args.output, extra=source)
+                                max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress,
+                                attacks=attacks))
+    json_path, md_path = write_results(results, args.output, extra={**source, "attacks": attacks})
     print(markdown_table(results), end="")
     print(f"written {json_path} and {md_path}")
 
@@ -73,7 +77,7 @@ def _replicate(args) -> None:
                                    "shots": args.shots, "eps": args.eps, "seeds": args.seeds, "epochs": args.epochs,
                                    "train_data": args.train_data, "eval_data": args.eval_data,
                                    "eval_samples": args.eval_samples, "pgd_steps": args.pgd_steps,
-                                   "device": args.device}.items() if v is not None}
+                                   "attacks": args.attacks, "device": args.device}.items() if v is not None}
     grid = GridConfig.quick(**overrides) if args.quick else GridConfig(**overrides)
     run_grid(grid, args.output, progress=not args.no_progress)
     print(f"results in {args.output}/results.md, results.json and *.png")
@@ -92,6 +96,17 @@ def _models(args) -> None:
 
 def _methods(args) -> None:
     print("\n".join(list_methods()))
+
+
+def _add_attack_option(p: argparse.ArgumentParser) -> None:
+    from .attacks.autoattack import EVAL_ATTACKS
+    p.add_argument("--attack", dest="attacks", action="extend", nargs="+", choices=list(EVAL_ATTACKS),
+                   metavar="ATTACK",
+                   help="evaluation attacks, repeatable or a list (default: pgd): pgd (PGD, step eps/4, random start, "
+                        "CE), apgd-ce, apgd-t (targeted DLR), fab-t, square (black-box, 5000 queries), autoattack "
+                        "(APGD-CE, APGD-T, FAB-T, Square, each on the images still correct); robust accuracy per "
+                        "attack and the worst case over them; with Square (alone or in autoattack) the table also "
+                        "says whether gradient masking is suspected")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset spec name:root[:split], repeatable (e.g. imagefolder:data/test, cifar10:/data:test)")
     p.add_argument("--eps", type=parse_eps, nargs="*", default=[1 / 255, 4 / 255], help="e.g. 1/255 4/255; none for clean accuracy only")
     p.add_argument("--steps", type=int, default=100, help="PGD steps (step size eps/4)")
+    _add_attack_option(p)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-samples", type=int, help="evaluate a seeded random subset of this size")
     p.add_argument("--seed", type=int, default=0)
@@ -159,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-data", nargs="+", help="dataset specs; the first is in-distribution")
     p.add_argument("--eval-samples", type=int)
     p.add_argument("--pgd-steps", type=int)
+    _add_attack_option(p)
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_replicate)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import default_model
+from .attacks.autoattack import check_attack_names, require_backend
 from .checkpoint import LATEST_FILE, load_prompted_model
 from .config import TrainConfig, load_method
 from .data import DataUnavailable, load_dataset
@@ -50,6 +51,8 @@ class GridConfig:
     eval_data: list[str] = field(default_factory=lambda: list(TOY_EVAL))
     eval_samples: int | None = 500
     pgd_steps: int = 100
+    # Evaluation attacks (capt.attacks.autoattack.EVAL_ATTACKS); "robust" is the worst case over them.
+    attacks: list[str] = field(default_factory=lambda: ["pgd"])
     device: str = "auto"
 
     @classmethod
@@ -77,6 +80,8 @@ def run_dir_for(config: TrainConfig, root: str | Path) -> Path:
 
 
 def run_grid(grid: GridConfig, output_dir: str | Path, progress: bool = False) -> list[dict]:
+    grid.attacks = check_attack_names(grid.attacks)  # before any training: a misspelt attack fails now
+    require_backend(grid.attacks)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(grid.device)
@@ -110,17 +115,40 @@ def run_grid(grid: GridConfig, output_dir: str | Path, progress: bool = False) -
         for spec, data in eval_sets.items():
             torch.manual_seed(seed)
             result = evaluate(model, data, [eps], steps=grid.pgd_steps, max_samples=grid.eval_samples, seed=seed,
-                              progress=progress)
-            rows.append({"method": method, "shots": shots, "eps": eps_label(eps), "seed": seed, "dataset": data.name,
+                              progress=progress, attacks=grid.attacks)
+            label = eps_label(eps)
+            rows.append({"method": method, "shots": shots, "eps": label, "seed": seed, "dataset": data.name,
                          "in_distribution": spec == grid.eval_data[0], "clean": result["clean_acc"],
-                         "robust": result["robust_acc"][eps_label(eps)], "n": result["n"],
+                         "robust": result["robust_acc"][label], "n": result["n"],
+                         "attack": _attack_column(result), "robust_by_attack": result["robust_acc_by_attack"][label],
+                         "masking": result["masking"][label], "not_applicable": result["not_applicable"],
                          "train_seconds": round(train_seconds, 1)})
         print(f"{method} {shots}-shot eps {eps_label(eps)} seed {seed}: " + ", ".join(
-            f"{r['dataset']} {100 * r['clean']:.1f}/{100 * r['robust']:.1f}" for r in rows[-len(eval_sets):]), flush=True)
+            f"{r['dataset']} {100 * r['clean']:.1f}/{100 * r['robust']:.1f}"
+            + (" (masking suspected)" if r["masking"]["suspected"] else "") for r in rows[-len(eval_sets):]), flush=True)
     (output_dir / "results.json").write_text(json.dumps({"grid": grid.__dict__, "rows": rows}, indent=2))
     (output_dir / "results.md").write_text(summary_table(rows))
     plot(rows, output_dir)
     return rows
+
+
+def _attack_column(result: dict) -> str:
+    """What "robust" means in a row: the attack, or the worst case over the attacks run."""
+    titles = [result["attack_titles"][a] for a in result["attacks"]]
+    return titles[0] if len(titles) == 1 else "worst of " + ", ".join(titles)
+
+
+def _masking_summary(rows: list[dict]) -> str:
+    """The gradient-masking check over a table row's runs: where Square alone fooled more than 1% of the
+    images (capt.evaluate.masking_check), or "no", or "not checked" without Square."""
+    checked = [r for r in rows if r.get("masking", {}).get("checked")]
+    if not checked:
+        return "not checked"
+    suspected = [r for r in checked if r["masking"]["suspected"]]
+    if not suspected:
+        return "no"
+    return "**masking suspected**: " + ", ".join(
+        f"{r['dataset']} seed {r['seed']} ({100 * r['masking']['fraction']:.1f}%)" for r in suspected)
 
 
 def _mean_std(values: list[float]) -> str:
@@ -132,7 +160,8 @@ def summary_table(rows: list[dict]) -> str:
     """clean / robust accuracy (%), mean ± std over seeds; cross-dataset = mean over the other sets."""
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     keys = list(dict.fromkeys((r["method"], r["shots"], r["eps"]) for r in rows))
-    header = ["method", "shots", "eps"] + [f"{d} clean / robust" for d in datasets] + ["cross-dataset mean clean / robust"]
+    header = (["method", "shots", "eps", "robust under", "gradient masking"] + [f"{d} clean / robust" for d in datasets]
+              + ["cross-dataset mean clean / robust"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, shots, eps in keys:
         mine = [r for r in rows if (r["method"], r["shots"], r["eps"]) == (method, shots, eps)]
@@ -147,7 +176,9 @@ def summary_table(rows: list[dict]) -> str:
         clean = [statistics.fmean(x["clean"] for x in v) for v in cross.values()]
         robust = [statistics.fmean(x["robust"] for x in v) for v in cross.values()]
         cells.append(f"{_mean_std(clean)} / {_mean_std(robust)}" if clean else "–")
-        lines.append("| " + " | ".join([method, str(shots if method != "zeroshot" else "–"), eps] + cells) + " |")
+        attack = " / ".join(dict.fromkeys(r.get("attack", "PGD") for r in mine))
+        lines.append("| " + " | ".join([method, str(shots if method != "zeroshot" else "–"), eps, attack,
+                                        _masking_summary(mine)] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,21 @@ def test_matches_torchattacks_pgd(classifier, images, eps, alpha, steps):
     reference = torchattacks.PGD(classifier, eps=eps, alpha=alpha, steps=steps, random_start=False)(images, labels)
     assert (ours - images).abs().max() > 0
     assert torch.allclose(ours, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("eps,alpha,steps", [(4 / 255, 1 / 255, 10), (8 / 255, 2 / 255, 5)])
+def test_matches_art_pgd(classifier, images, eps, alpha, steps):
+    """A second reference, independent of torchattacks: the Adversarial Robustness Toolbox's PGD (its
+    PyTorch backend). Without a random start both are deterministic and take the same signed steps."""
+    from art.attacks.evasion import ProjectedGradientDescent
+    from art.estimators.classification import PyTorchClassifier
+    labels = _own_predictions(classifier, images)
+    ours = PGD(classifier, eps=eps, alpha=alpha, steps=steps, random_start=False)(images, labels)
+    estimator = PyTorchClassifier(model=classifier, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(images.shape[1:]),
+                                  nb_classes=len(LABELS), clip_values=(0.0, 1.0), device_type="cpu")
+    reference = ProjectedGradientDescent(estimator, norm=np.inf, eps=eps, eps_step=alpha, max_iter=steps,
+                                         num_random_init=0, batch_size=len(images), verbose=False)
+    assert torch.allclose(ours, torch.from_numpy(reference.generate(images.numpy(), labels.numpy())), atol=1e-6)
 
 
 def test_matches_torchattacks_targeted(classifier, images):
