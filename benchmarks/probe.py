@@ -32,7 +32,7 @@ def worker_probe(config: dict) -> dict:
     from serving.model import ServingModel
     model = ServingModel(config["bundle"])
     image, labels = toy_images(1)[0], _labels(Path(config["bundle"]))
-    timing = time_calls(lambda: model.probe(image, labels, eps=EPS, steps=STEPS), warmup=2,
+    timing = time_calls(lambda: model.probe(image, labels, eps=EPS, steps=STEPS, attack="pgd"), warmup=2,
                         repeats=config["repeats"], max_seconds=config["max_seconds"])
     return {"torch_threads": torch.get_num_threads(), **timing}
 
@@ -67,7 +67,7 @@ WORKERS = {"probe": worker_probe, "forward_backward": worker_forward_backward}
 def probe_over_http(bundle: Path, repeats: int, env: dict | None = None) -> dict:
     import httpx
     image = png_bytes(toy_images(1)[0])
-    data = {"labels": json.dumps(_labels(bundle)), "eps": str(EPS), "steps": str(STEPS)}
+    data = {"labels": json.dumps(_labels(bundle)), "eps": str(EPS), "steps": str(STEPS), "attack": "pgd"}
     times = []
     with bento_server(bundle, env) as server, httpx.Client(base_url=server.url, timeout=300) as client:
         for i in range(repeats + 2):  # the first two are warm-up

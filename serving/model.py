@@ -1,9 +1,10 @@
 """What the service does, without BentoML: a verified bundle, label-set embeddings (cached), zero-shot
-classification with ONNX Runtime, and the PGD probe in PyTorch on the same prompted model."""
+classification with ONNX Runtime, and the robustness probe (APGD or PGD, judged on 8-bit images) in PyTorch on
+the same prompted model."""
 from __future__ import annotations
 
 import logging
-import math
+import numbers
 import os
 import threading
 import time
@@ -23,6 +24,8 @@ from capt.images import pixel_transform
 from capt.prompts import ZeroShotClassifier
 from export.bundle import cuda_unavailable_reason, load_bundle
 
+from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
+                          grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
 from .errors import Busy, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -46,6 +49,9 @@ class Limits:
     max_probe_restarts: int = 5
     max_concurrent_probes: int = 2
     max_probe_seconds: float = 30.0
+    # Space "upload" attacks every upload pixel through the resize: its cost and its answer's PNGs grow
+    # with the upload, so it has a cap of its own (space "input" costs the same for any upload).
+    max_probe_upload_pixels: int = 1024 * 1024
     # PyTorch threads for a probe; 0 = PyTorch's default. Probes run on the server's worker threads,
     # where OpenMP teams measured slower than on a main thread: on 2 cores, 1 thread made a 10-step
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
@@ -81,6 +87,20 @@ class _Deadline(torch.nn.Module):
                                f"or no eps search")
         return self.classifier(pixels)
 
+
+# The probe's attacks and spaces (see ``ServingModel.probe``). APGD is the default: it adapts its step
+# size, so a client who sets only eps and steps gets a strong attack, and a probe that is weak for want
+# of a tuned step would overstate robustness.
+ATTACKS = ("apgd", "pgd")
+DEFAULT_ATTACK = "apgd"
+SPACES = ("input", "upload")
+MAX_SEED = 2**32 - 1
+EPS_SEARCH_GRID_255 = (1, 2, 4, 8, 16, 32)  # eps / (1/255); 8-bit images allow nothing smaller than 1/255
+EPS_SEARCH_NOTE = ("eps at which this attack flipped the prediction (as an 8-bit image), refined by bisection; an "
+                   "upper bound on the robust radius. A hold is only this attack failing, and the bisection assumes "
+                   "that a flip found at one eps is found at every larger eps")
+QUANTISATION_FAILED_NOTE = ("some pixels have no 8-bit value inside the eps ball around an off-grid clean pixel and kept "
+                            "their clean value: this image is not one a client can upload")
 
 # Said in an answer whose templates were given but not used (see ``ServingModel.templates_apply``).
 TEMPLATES_IGNORED_NOTE = ("this model has learned text prompts: its learned context replaces a template's words, "
@@ -287,33 +307,78 @@ class ServingModel:
                 "label_cache_hit": hit, **self.templates_report(templates)}
 
     # ---- probe --------------------------------------------------------------------------------
-    def _check_probe_args(self, labels, true_label, eps, steps, step_size, restarts):
+    def _check_probe_args(self, labels, true_label, eps, steps, step_size, restarts, seed=0, attack=DEFAULT_ATTACK,
+                          space="input", image=None):
         labels, _ = validate_labels(labels, None, self.limits, minimum=2)
-        for name, value in (("eps", eps), ("step_size", step_size)):
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise RequestError(f"{name} must be a finite number >= 0, got {value}")
+        if not finite_nonnegative(eps):
+            raise RequestError(f"eps must be a finite number >= 0, got {eps}")
+        if step_size is not None and not finite_nonnegative(step_size):
+            raise RequestError(f"step_size must be a finite number >= 0, got {step_size}")
         if eps > self.limits.max_probe_eps:
             raise RequestError(f"eps {eps:.5f} is over the limit of {self.limits.max_probe_eps:.5f}")
         if not 0 <= steps <= self.limits.max_probe_steps:
             raise RequestError(f"steps must be in 0..{self.limits.max_probe_steps}")
         if not 1 <= restarts <= self.limits.max_probe_restarts:
             raise RequestError(f"restarts must be in 1..{self.limits.max_probe_restarts}")
+        # Checked here, not left to torch: a seed past 64 bits is an OverflowError (a 500) in manual_seed.
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed must be an integer in 0..{MAX_SEED}, got {seed!r}")
+        if attack not in ATTACKS:
+            raise RequestError(f"attack must be one of {', '.join(map(repr, ATTACKS))}, got {attack!r}")
+        if attack == "apgd" and step_size is not None:
+            # Refused rather than ignored: a client that sets a step expects it to be the attack's step.
+            raise RequestError("step_size is for attack 'pgd' only: APGD adapts its own step size")
+        if space not in SPACES:
+            raise RequestError(f"space must be one of {', '.join(map(repr, SPACES))}, got {space!r}")
+        if space == "upload":
+            self._upload_transform()  # refuses a model whose preprocessing has no differentiable copy
+            if image is not None and image.width * image.height > self.limits.max_probe_upload_pixels:
+                raise RequestError(f"space 'upload' attacks every upload pixel: {image.width}x{image.height} is over "
+                                   f"the limit of {self.limits.max_probe_upload_pixels} pixels "
+                                   f"(CAPT_MAX_PROBE_UPLOAD_PIXELS); use space 'input' or a smaller image")
         if true_label is not None and true_label not in labels:
             raise RequestError(f"true_label {true_label!r} is not one of the labels")
         return labels
 
+    def _upload_transform(self) -> UploadTransform:
+        """The differentiable copy of this model's preprocessing, built on first use of space 'upload'."""
+        transform = getattr(self, "_upload_transform_module", None)
+        if transform is None:
+            try:
+                transform = UploadTransform(self.torch_model.preprocess_cfg)
+            except UnsupportedPreprocessing as err:
+                raise RequestError(f"space 'upload' is not supported for this model: {err}") from None
+            self._upload_transform_module = transform
+        return transform
+
     def probe(self, image: Image.Image, labels: Sequence[str], true_label: str | None = None, eps: float = 4 / 255,
               steps: int = 10, step_size: float | None = None, restarts: int = 1, seed: int = 0,
-              return_images: bool = False, search_eps: bool = False) -> dict:
-        labels = self._check_probe_args(labels, true_label, eps, steps, step_size, restarts)
+              return_images: bool = False, search_eps: bool = False, attack: str = DEFAULT_ATTACK,
+              space: str = "input") -> dict:
+        """How robust the model's prediction on ``image`` is, by attacking the served model's PyTorch twin.
+
+        Threat model: untargeted, white-box (gradients of the twin), L∞ ball of radius ``eps`` in pixel
+        units of [0, 1]; ``space="input"`` perturbs the model's input pixels (the image after
+        preprocessing resized and cropped it), ``space="upload"`` the upload's own pixels, through a
+        differentiable copy of that preprocessing. An adversarial image counts only as an 8-bit image
+        in the ball (what a client can send): the attack's image is quantised to k/255 before the twin
+        and the served ONNX graph judge it, in space "upload" through the real preprocessing, and
+        ``flipped`` is that judgment. ``attack``: "apgd" (APGD-CE, the default: no step size to tune) or
+        "pgd" (step ``step_size``, by default ``max(eps/4, 2.5·eps/steps)``). Restart 0 starts at the
+        clean image, later ones at seeded random points in the ball; the restart with the lowest margin
+        after quantisation wins. A prediction that holds is no proof of robustness: only this attack
+        failed."""
+        labels = self._check_probe_args(labels, true_label, eps, steps, step_size, restarts, seed, attack, space, image)
+        seed = int(seed)  # a numpy integer too: seed + restart must not wrap around
         if not self.probe_slots.acquire(blocking=False):
             raise Busy(f"{self.limits.max_concurrent_probes} probes are already running; retry later")
         started = time.perf_counter()
         if self.limits.probe_threads:
             torch.set_num_threads(self.limits.probe_threads)  # OpenMP's setting is per calling thread
         try:
-            with torch.no_grad():  # PGD turns gradients on where it needs them
-                result = self._probe(image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps)
+            with torch.no_grad():  # the attacks turn gradients on where they need them
+                result = self._probe(image, labels, true_label, eps, steps, step_size, restarts, seed, return_images,
+                                     search_eps, attack, space)
         finally:
             self.probe_slots.release()
         elapsed = time.perf_counter() - started
@@ -322,76 +387,149 @@ class ServingModel:
         result["time_ms"] = round(1000 * elapsed, 1)
         return result
 
-    def _attack(self, classifier, pixels, target, eps, steps, step_size, restarts, seed):
-        """Untargeted PGD (CE on ``target``) with restarts; the restart with the lowest margin wins.
-        Returns (adversarial pixels, their logits, margin)."""
+    def _attack(self, view, classifier, target, eps, steps, step_size, restarts, seed, attack) -> "_Outcome":
+        """Untargeted ``attack`` (CE on ``target``) in ``view``'s space with restarts. Each restart's image
+        is quantised to the 8-bit grid inside the ball and judged by the twin on what the real pipeline
+        makes of it; the restart with the lowest such margin wins, and a flip ends the search."""
+        attacked = view.attacked(classifier)
         best = None
         for restart in range(restarts):
-            attack = PGD(classifier, eps=eps, alpha=step_size if step_size is not None else eps / 4, steps=steps,
-                         random_start=restarts > 1 or restart > 0, loss="ce", seed=seed + restart)
-            adversarial = attack(pixels, target)
-            logits = classifier(adversarial)[0]
-            margin = _margin(logits, int(target[0]))
-            if best is None or margin < best[2]:
-                best = (adversarial, logits, margin)
-            if margin < 0:
+            # Restart 0 from the clean image: with few steps the signed gradient there leads straight to
+            # the ball's edge. Later ones from seeded random points, each restart its own seed.
+            random_start = restart > 0
+            if attack == "pgd":
+                adversarial = PGD(attacked, eps=eps, alpha=step_size if step_size is not None else default_step_size(eps, steps),
+                                  steps=steps, random_start=random_start, loss="ce", seed=seed + restart)(view.clean, target)
+            else:
+                adversarial = apgd_ce(attacked, view.clean, target, eps, steps, random_start=random_start,
+                                      generator=torch.Generator().manual_seed(seed + restart))
+            quantised = quantise(adversarial, view.clean, eps)
+            served = view.served_pixels(quantised)
+            float_logits, logits = view.judge(classifier, adversarial, served)
+            outcome = _Outcome(adversarial, quantised, served, logits, _margin(logits, int(target[0])),
+                               float_logits, _margin(float_logits, int(target[0])), restart)
+            if best is None or outcome.margin < best.margin:
+                best = outcome
+            if outcome.margin < 0:
                 break
         return best
 
-    def _probe(self, image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps):
+    def _view(self, image, pixels, space) -> "_InputView | _UploadView":
+        if space == "upload":
+            return _UploadView(self, image, self._upload_transform(), pixels)
+        return _InputView(pixels, image)
+
+    def _probe(self, image, labels, true_label, eps, steps, step_size, restarts, seed, return_images, search_eps,
+               attack, space):
         model = self.torch_model
         class_embeddings = torch.from_numpy(self.class_embeddings(labels)).float()
         classifier = _Deadline(ZeroShotClassifier(model, class_embeddings), self.limits.max_probe_seconds)
         pixels = torch.from_numpy(self.pixels([image]))
-        # One forward+backward gives the clean prediction and the gradient sanity check: the probe
-        # costs this pass, the attack's steps and one forward of the adversarial image.
+        view = self._view(image, pixels, space)
+        # One forward+backward gives the clean prediction and the gradient sanity check (in space
+        # "upload" the gradient goes through the resize copy; the clean prediction is the real pipeline's).
         with torch.enable_grad():
-            probe_input = pixels.clone().requires_grad_(True)
-            logits = classifier(probe_input)
-            clean_logits = logits[0].detach()
+            probe_input = view.clean.clone().requires_grad_(True)
+            logits = view.attacked(classifier)(probe_input)
+            clean_logits = logits[0].detach() if space == "input" else classifier(pixels)[0].detach()
             clean_index = int(clean_logits.argmax())
             target_index = labels.index(true_label) if true_label is not None else clean_index
             target = torch.tensor([target_index])
             gradient, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), probe_input)
-        adversarial, adv_logits, _ = self._attack(classifier, pixels, target, eps, steps, step_size, restarts, seed)
-        onnx_embeddings = self.encode_images(torch.cat([pixels, adversarial]).numpy())
+        outcome = self._attack(view, classifier, target, eps, steps, step_size, restarts, seed, attack)
+        onnx_embeddings = self.encode_images(torch.cat([pixels, outcome.served]).numpy())
         onnx_answers = self.classify_embeddings(onnx_embeddings, labels, class_embeddings.numpy(), 1)
+        used_step = (step_size if step_size is not None else default_step_size(eps, steps)) if attack == "pgd" else None
+        quantised = on_grid(outcome.quantised)
         result = {
             "labels": labels,
             "target": labels[target_index],
-            "eps": eps, "steps": steps, "step_size": step_size if step_size is not None else eps / 4, "restarts": restarts,
+            "eps": eps, "eps_255": round(eps * 255, 3), "steps": steps, "step_size": used_step, "restarts": restarts,
+            "attack": _attack_report(attack, eps, steps, used_step, restarts, seed),
+            **view.describe(),
             "clean": _prediction(clean_logits, labels),
-            "adversarial": _prediction(adv_logits, labels),
-            "flipped": int(adv_logits.argmax()) != target_index,
+            "adversarial": _prediction(outcome.logits, labels),
+            "flipped": int(outcome.logits.argmax()) != target_index,
             "margin_clean": _margin(clean_logits, target_index),
-            "margin_adversarial": _margin(adv_logits, target_index),
+            "margin_adversarial": outcome.margin,
+            "adversarial_quantised": quantised,
+            "quantisation_note": view.quantisation_note() if quantised else QUANTISATION_FAILED_NOTE,
+            "float": {"adversarial": _prediction(outcome.float_logits, labels),
+                      "flipped": int(outcome.float_logits.argmax()) != target_index,
+                      "margin": outcome.float_margin,
+                      "linf_distance": float((outcome.adversarial - view.clean).abs().max())},
             "served_onnx": {"clean": onnx_answers[0][0], "adversarial": onnx_answers[1][0],
                             "flipped": onnx_answers[1][0]["label"] != labels[target_index]},
-            "linf_distance": float((adversarial - pixels).abs().max()),
+            "linf_distance": float((outcome.quantised - view.clean).abs().max()),
+            "linf_distance_255": linf_255(outcome.quantised, view.clean),
             "sanity": {
                 "zero_gradient": bool(gradient.abs().max() == 0),
                 "clean_already_wrong": clean_index != target_index,
-                "attack_did_nothing": eps == 0 or steps == 0,
+                # Also when eps admits no 8-bit change: on the grid, any eps under 1/255.
+                "attack_did_nothing": eps == 0 or steps == 0 or grid_room(view.clean, eps) <= 0,
             },
         }
+        if space == "upload":
+            result["linf_distance_input_255"] = linf_255(outcome.served, pixels)
         if return_images:
-            delta = (adversarial - pixels)[0]
+            delta = (outcome.quantised - view.clean)[0]
             amplified = (0.5 + 0.5 * delta / max(eps, 1e-12)).clamp(0, 1)
-            result["adversarial_png"] = png_base64(_to_image(adversarial[0]))
-            result["perturbation_png"] = png_base64(_to_image(amplified))
+            result["adversarial_png"] = png_base64(to_image(outcome.quantised))
+            result["perturbation_png"] = png_base64(to_image(amplified))
         if search_eps:
-            result["eps_search"] = self._search_eps(classifier, pixels, target, steps, restarts, seed)
+            result["eps_search"] = self._search_eps(view, classifier, target, steps, restarts, seed, attack,
+                                                    clean_index != target_index)
         return result
 
-    def _search_eps(self, classifier, pixels, target, steps, restarts, seed) -> dict:
-        grid = [e / 255 for e in (0.25, 0.5, 1, 2, 4, 8, 16, 32) if e / 255 <= self.limits.max_probe_eps + 1e-12]
-        tried = []
-        for eps in grid:
-            *_, margin = self._attack(classifier, pixels, target, eps, max(steps, 1), None, restarts, seed)
-            tried.append({"eps": eps, "margin": margin, "flipped": margin < 0})
-            if margin < 0:
-                return {"smallest_flipping_eps": eps, "smallest_flipping_eps_255": round(eps * 255, 3), "grid": tried}
-        return {"smallest_flipping_eps": None, "grid": tried}
+    def _search_eps(self, view, classifier, target, steps, restarts, seed, attack, clean_wrong) -> dict:
+        """The smallest eps at which the attack flips the prediction, as an 8-bit image: the grid 1, 2, 4,
+        8, 16, 32 /255 (within the eps limit) up to the first flip, then bisection between the last
+        holding and the first flipping eps. Each eps is attacked afresh with the request's attack,
+        steps (at least 1) and restarts, PGD's step by the default rule at that eps.
+
+        The bisection stops at 1/255 when the clean image is on the 8-bit grid (always, for the served
+        pipeline): an eps between two steps admits the same 8-bit images as the step below it, so that
+        is the exact resolution of this threat model; 0.25/255 otherwise."""
+        steps = max(steps, 1)
+        ticks = 1 if on_grid(view.clean) else 4  # bisection ticks per 1/255
+        grid = [k for k in EPS_SEARCH_GRID_255 if k / 255 <= self.limits.max_probe_eps + 1e-12]
+        report = {"grid_255": grid, "resolution_255": 1 / ticks, "space": view.name,
+                  "attack": _attack_report(attack, None, steps, "max(eps/4, 2.5*eps/steps) at each eps" if attack == "pgd"
+                                           else None, restarts, seed),
+                  "note": EPS_SEARCH_NOTE}
+        if clean_wrong:
+            return {**report, "smallest_flipping_eps": 0.0, "smallest_flipping_eps_255": 0.0, "largest_holding_eps": None,
+                    "largest_holding_eps_255": None, "grid": [], "bisection": [],
+                    "note": "the clean image is already not classified as the target: it flips at eps 0"}
+
+        def trial(tick: int) -> dict:
+            eps = tick / ticks / 255
+            outcome = self._attack(view, classifier, target, eps, steps, None, restarts, seed, attack)
+            return {"eps": eps, "eps_255": round(tick / ticks, 3), "flipped": outcome.margin < 0,
+                    "margin": outcome.margin, "float_flipped": outcome.float_margin < 0,
+                    "linf_distance_255": linf_255(outcome.quantised, view.clean)}
+
+        holding, flipping, tried, refined = 0, None, [], []  # in ticks; eps 0 holds: the clean image is right
+        for k in grid:
+            entry = trial(k * ticks)
+            tried.append(entry)
+            if entry["flipped"]:
+                flipping = k * ticks
+                break
+            holding = k * ticks
+        if flipping is not None:
+            while flipping - holding > 1:
+                middle = (holding + flipping) // 2
+                entry = trial(middle)
+                refined.append(entry)
+                if entry["flipped"]:
+                    flipping = middle
+                else:
+                    holding = middle
+        found = {"smallest_flipping_eps": None if flipping is None else flipping / ticks / 255,
+                 "smallest_flipping_eps_255": None if flipping is None else round(flipping / ticks, 3),
+                 "largest_holding_eps": holding / ticks / 255, "largest_holding_eps_255": round(holding / ticks, 3)}
+        return {**report, **found, "grid": tried, "bisection": refined}
 
     def info(self) -> dict:
         m = self.manifest
@@ -415,5 +553,103 @@ def _margin(logits: torch.Tensor, target: int) -> float:
     return float(logits[target] - others.max())
 
 
-def _to_image(pixels: torch.Tensor) -> Image.Image:
-    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+def _attack_report(attack: str, eps: float | None, steps: int, step_size, restarts: int, seed: int) -> dict:
+    """What ran, so that an answer can be reproduced and judged: name, steps, step size, restarts, starts."""
+    report = {"name": attack, "loss": "ce", "steps": steps, "restarts": restarts, "seed": seed,
+              "starts": "restart 0 at the clean image, later ones at random points in the ball (seed + restart)"}
+    if attack == "pgd":
+        return {**report, "step_size": step_size}
+    if eps is not None:
+        report["initial_step_size"] = 2 * eps
+    return {**report, "step_size": "adaptive",
+            "step_size_rule": "2*eps, halved at checkpoints where the loss stopped rising (APGD)"}
+
+
+@dataclass
+class _Outcome:
+    """One attack's result: its float image, that image quantised (both in the attacked space), the
+    model input the real pipeline makes of the quantised one, and the twin's logits and margins."""
+    adversarial: torch.Tensor
+    quantised: torch.Tensor
+    served: torch.Tensor
+    logits: torch.Tensor
+    margin: float
+    float_logits: torch.Tensor
+    float_margin: float
+    restart: int
+
+
+def _size(tensor: torch.Tensor) -> list[int]:
+    return [int(tensor.shape[-1]), int(tensor.shape[-2])]  # width, height, as images are named
+
+
+class _InputView:
+    """Space "input": the model's input pixels are attacked; an 8-bit image at the input size is what
+    preprocessing leaves as it is, so the quantised image is the served input itself."""
+    name = "input"
+
+    def __init__(self, pixels: torch.Tensor, image: Image.Image):
+        self.clean, self.upload_size = pixels, list(image.size)
+        w, h = _size(pixels)
+        if self.upload_size == [w, h]:
+            self.eps_space = f"model input ({w}x{h}; the upload itself, which preprocessing leaves as it is)"
+        else:
+            self.eps_space = (f"model input ({w}x{h} after preprocessing resized and cropped the "
+                              f"{image.width}x{image.height} upload); the adversarial image is {w}x{h}, a size "
+                              f"preprocessing leaves as it is")
+
+    def attacked(self, classifier: torch.nn.Module) -> torch.nn.Module:
+        return classifier
+
+    def served_pixels(self, quantised: torch.Tensor) -> torch.Tensor:
+        return quantised
+
+    def judge(self, classifier, adversarial, served) -> tuple[torch.Tensor, torch.Tensor]:
+        both = classifier(torch.cat([adversarial, served]))  # one forward for the float and the 8-bit image
+        return both[0], both[1]
+
+    def describe(self) -> dict:
+        return {"space": "input", "eps_space": self.eps_space, "upload_size": self.upload_size,
+                "input_size": _size(self.clean), "upload_preprocessed": self.upload_size != _size(self.clean)}
+
+    def quantisation_note(self) -> str:
+        return ("the adversarial image was rounded to 8 bits (k/255) in the model's input pixels, towards the clean "
+                "pixel where rounding would leave the eps ball, before the twin and the served ONNX graph judged it: "
+                "`flipped` and `served_onnx` are about an image a client can upload; `float` is the attack's unrounded "
+                "image. The clean input is on this grid, so an eps under 1/255 allows no change at all.")
+
+
+class _UploadView:
+    """Space "upload": the upload's own pixels are attacked through ``UploadTransform``; the quantised
+    upload is judged through the real pipeline (8-bit RGB image -> ``ServingModel.pixels``), as a real
+    upload of it would be."""
+    name = "upload"
+
+    def __init__(self, serving: "ServingModel", image: Image.Image, transform: torch.nn.Module, pixels: torch.Tensor):
+        self.serving, self.transform, self.pixels = serving, transform, pixels
+        self.clean = to_tensor(image)
+
+    def attacked(self, classifier: torch.nn.Module) -> torch.nn.Module:
+        return torch.nn.Sequential(self.transform, classifier)
+
+    def served_pixels(self, quantised: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.serving.pixels([to_image(quantised)]))
+
+    def judge(self, classifier, adversarial, served) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.attacked(classifier)(adversarial)[0], classifier(served)[0]
+
+    def describe(self) -> dict:
+        (w, h), (iw, ih) = _size(self.clean), _size(self.pixels)
+        return {"space": "upload",
+                "eps_space": (f"upload pixels ({w}x{h}), attacked through a differentiable copy of the preprocessing "
+                              f"to {iw}x{ih} and judged through the real one"),
+                "upload_size": [w, h], "input_size": [iw, ih], "upload_preprocessed": [w, h] != [iw, ih],
+                # How far the differentiable copy is from the real preprocessing on this upload (clean).
+                "surrogate_gap_255": linf_255(self.transform(self.clean), self.pixels)}
+
+    def quantisation_note(self) -> str:
+        return ("the adversarial upload was rounded to 8 bits (k/255), towards the clean pixel where rounding would "
+                "leave the eps ball, and then preprocessed by the real pipeline before the twin and the served ONNX "
+                "graph judged it: `flipped` and `served_onnx` are about an image a client can upload; `float` is the "
+                "attack's unrounded upload through the differentiable copy. The upload is on this grid, so an eps "
+                "under 1/255 allows no change at all.")

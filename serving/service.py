@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import bentoml
 from PIL.Image import Image
@@ -28,7 +28,7 @@ from .batching import MicroBatcher
 from .errors import ClientError, RequestError
 from .images import decode_base64_image, read_upload
 from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipart, redact_request_errors
-from .model import Limits, ServingModel, validate_labels
+from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
 
@@ -150,14 +150,16 @@ class Classifier:
     @bentoml.api
     def probe(self, image: Path, labels: list[str], true_label: str | None = None, eps: float = 4 / 255,
               steps: int = 10, step_size: float | None = None, restarts: int = 1, seed: int = 0,
-              return_images: bool = False, search_eps: bool = False) -> dict:
-        """PGD (L∞, pixel space) against the served model's prompted PyTorch twin: clean and
-        adversarial predictions, margins, whether the prediction flipped and whether the
-        adversarial image also fools the served ONNX graph."""
+              return_images: bool = False, search_eps: bool = False, attack: Literal["apgd", "pgd"] = DEFAULT_ATTACK,
+              space: Literal["input", "upload"] = "input") -> dict:
+        """An L∞ attack (APGD-CE by default, or PGD) against the served model's prompted PyTorch twin, in
+        the model's input pixels or (``space="upload"``) the upload's own: clean and adversarial
+        predictions, margins, and whether the prediction flipped, judged on the adversarial image
+        rounded to 8 bits (an image a client can upload), by the twin and by the served ONNX graph."""
         def work() -> dict:
             try:
                 result = self.model.probe(self._decode([image])[0], labels, true_label, eps, steps, step_size,
-                                          restarts, seed, return_images, search_eps)
+                                          restarts, seed, return_images, search_eps, attack=attack, space=space)
             except ClientError as err:
                 if err.status != 400:
                     self.refusals.labels(reason=type(err).__name__).inc()

@@ -46,7 +46,9 @@ probe_fields = st.fixed_dictionaries(
               "steps": st.integers(-5, 5).map(str) | st.integers(201, 10**12).map(str) | form_values,
               "restarts": st.integers(-2, 2).map(str) | form_values,
               "true_label": form_values, "seed": form_values, "search_eps": form_values,
-              "return_images": form_values, "step_size": form_values, "surprise": form_values})
+              "return_images": form_values, "step_size": form_values, "surprise": form_values,
+              "attack": st.sampled_from(["apgd", "pgd"]) | form_values,
+              "space": st.sampled_from(["input", "upload"]) | form_values})
 
 
 @FUZZ

@@ -1,8 +1,11 @@
 """Against a real `bentoml serve` process on a free loopback port, serving the default model."""
 import base64
+import io
+import json
 
 import httpx
 import pytest
+from PIL import Image
 
 from conftest import png_bytes, post_classify, post_probe, toy_image
 from capt.data.toyworld import COLOURS, SHAPES
@@ -94,6 +97,38 @@ def test_probe_with_a_large_eps_flips_the_default_model(server):
     assert result["flipped"] is True and result["margin_adversarial"] < 0
     assert result["served_onnx"]["clean"]["label"] == result["clean"]["label"]
     assert "capt_probes" in httpx.get(f"{server.url}/metrics").text
+
+
+@pytest.mark.parametrize("space,size", [("input", (64, 64)), ("upload", (100, 80))])
+def test_a_probe_s_adversarial_png_sent_to_classify_gets_the_label_the_probe_says(server, space, size):
+    """The probe judges the 8-bit image it returns: uploaded as it is, that image gets the same label
+    from /classify (the served graph through the real preprocessing), and the prediction has flipped."""
+    image = toy_image("star", "red").resize(size, Image.BICUBIC)
+    response = post_probe(server.url, image, list(COLOURS), eps=16 / 255, steps=10, space=space, return_images=True)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["flipped"] and result["served_onnx"]["flipped"] and result["adversarial_quantised"] is True
+    assert result["space"] == space and result["upload_size"] == list(size) and result["eps_space"]
+    assert result["margin_adversarial"] < -0.1  # far from a tie: the label below does not hang on float noise
+    png = base64.b64decode(result["adversarial_png"])
+    assert Image.open(io.BytesIO(png)).size == (size if space == "upload" else (64, 64))
+    answer = post_classify(server.url, [png], list(COLOURS), top_k=1)
+    assert answer.status_code == 200, answer.text
+    label = answer.json()["predictions"][0][0]["label"]
+    assert label == result["served_onnx"]["adversarial"]["label"] == result["adversarial"]["label"] != result["target"]
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"attack": "fgsm"}, "attack"),
+    ({"space": "pixels"}, "space"),
+    ({"attack": "apgd", "step_size": 0.01}, "step_size is for attack 'pgd' only"),
+    ({"seed": -1}, "seed must be"),
+])
+def test_bad_values_of_the_probe_s_attack_fields_are_400(server, fields, message):
+    response = post_probe(server.url, toy_image(), list(COLOURS), **fields)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert isinstance(body["error"], str) and message in json.dumps(body)
 
 
 @pytest.mark.parametrize("damage", ["tamper", "truncate", "twin"])

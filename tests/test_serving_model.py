@@ -74,8 +74,11 @@ def test_probe_with_a_large_eps_flips_and_reports(served):
     assert result["flipped"] and result["margin_adversarial"] < 0 < result["margin_clean"]
     assert result["linf_distance"] <= 32 / 255 + 1e-6
     assert result["adversarial_png"] and result["perturbation_png"]
-    assert result["eps_search"]["smallest_flipping_eps"] is not None
-    assert result["eps_search"]["smallest_flipping_eps"] <= 32 / 255
+    assert result["linf_distance_255"] <= 32 and result["adversarial_quantised"] is True
+    search = result["eps_search"]
+    assert search["smallest_flipping_eps"] is not None and search["smallest_flipping_eps"] <= 32 / 255
+    assert search["grid"][0]["eps_255"] == 1  # no smaller eps: an 8-bit image moves by 1/255 or not at all
+    assert search["largest_holding_eps"] < search["smallest_flipping_eps"]
 
 
 @pytest.mark.parametrize("kwargs,message", [
