@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
-    p = sub.add_parser("eval", help="clean and PGD robust accuracy, in-distribution and cross-dataset")
+    p = sub.add_parser("eval", help="clean and robust accuracy (PGD, APGD, FAB, Square, AutoAttack), in-distribution and cross-dataset")
     p.add_argument("--checkpoint", help="prompt checkpoint directory, or a run directory (its latest)")
     p.add_argument("--method", default="zeroshot", help="without --checkpoint: an untrained method (zeroshot)")
     p.add_argument("--model", help="without --checkpoint: model name")
