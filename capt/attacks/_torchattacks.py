@@ -106,3 +106,26 @@ class TorchattacksAttack(Attack):
 def seeded(seed: int | None) -> int:
     """torchattacks seeds with ``time.time()`` when given None: never let it (results must reproduce)."""
     return 0 if seed is None else int(seed)
+
+
+# AutoAttack's standard number of target classes for its targeted attacks (APGD-T, FAB-T).
+STANDARD_TARGET_CLASSES = 9
+
+
+class TargetedTorchattacksAttack(TorchattacksAttack):
+    """A targeted attack over the ``n_target_classes`` most likely wrong classes, capped at the
+    ``n_classes - 1`` there are (torchattacks would target all of them: 999 on ImageNet)."""
+    min_classes = 2
+    needs = "at least 2 classes"
+
+    def __init__(self, model: nn.Module, eps: float, n_classes: int, steps: int,
+                 n_target_classes: int = STANDARD_TARGET_CLASSES, seed: int | None = 0):
+        super().__init__(model, eps, seed)
+        if n_classes < self.min_classes:
+            raise AttackNotApplicable(f"{self.name} needs {self.needs}, this label set has {n_classes}")
+        if steps < 1 or n_target_classes < 1:
+            raise ValueError(f"steps and n_target_classes must be >= 1, got {steps} and {n_target_classes}")
+        self.steps = int(steps)
+        self.n_classes = int(n_classes)
+        self.n_target_classes = min(int(n_target_classes), self.n_classes - 1)
+

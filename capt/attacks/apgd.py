@@ -19,10 +19,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._torchattacks import AttackNotApplicable, TorchattacksAttack, seeded, torchattacks
+from ._torchattacks import STANDARD_TARGET_CLASSES, TargetedTorchattacksAttack, TorchattacksAttack, seeded, torchattacks
 
 STANDARD_STEPS = 100
-STANDARD_TARGET_CLASSES = 9
 MIN_CLASSES_TARGETED_DLR = 4
 
 
@@ -40,21 +39,14 @@ class APGDCE(TorchattacksAttack):
                                    seed=seeded(self.seed), loss="ce", rho=0.75)
 
 
-class APGDT(TorchattacksAttack):
+class APGDT(TargetedTorchattacksAttack):
     name = "apgd-t"
+    min_classes = MIN_CLASSES_TARGETED_DLR
+    needs = f"(targeted DLR loss) at least {MIN_CLASSES_TARGETED_DLR} classes"
 
     def __init__(self, model: nn.Module, eps: float, n_classes: int, steps: int = STANDARD_STEPS,
                  n_target_classes: int = STANDARD_TARGET_CLASSES, seed: int | None = 0):
-        super().__init__(model, eps, seed)
-        if n_classes < MIN_CLASSES_TARGETED_DLR:
-            raise AttackNotApplicable(f"apgd-t (targeted DLR loss) needs at least {MIN_CLASSES_TARGETED_DLR} classes, "
-                                      f"this label set has {n_classes}")
-        if steps < 1 or n_target_classes < 1:
-            raise ValueError(f"steps and n_target_classes must be >= 1, got {steps} and {n_target_classes}")
-        self.steps = int(steps)
-        self.n_classes = int(n_classes)
-        # torchattacks targets all n_classes - 1 wrong classes (999 on ImageNet); AutoAttack's standard is 9.
-        self.n_target_classes = min(int(n_target_classes), self.n_classes - 1)
+        super().__init__(model, eps, n_classes, steps, n_target_classes, seed)
 
     def build(self, model):
         attack = torchattacks().APGDT(model, norm="Linf", eps=self.eps, steps=self.steps, n_restarts=1,

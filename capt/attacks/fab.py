@@ -15,25 +15,17 @@ from __future__ import annotations
 
 from torch import nn
 
-from ._torchattacks import AttackNotApplicable, TorchattacksAttack, seeded, torchattacks
+from ._torchattacks import STANDARD_TARGET_CLASSES, TargetedTorchattacksAttack, seeded, torchattacks
 
 STANDARD_STEPS = 100
-STANDARD_TARGET_CLASSES = 9
 
 
-class FABT(TorchattacksAttack):
+class FABT(TargetedTorchattacksAttack):
     name = "fab-t"
 
     def __init__(self, model: nn.Module, eps: float, n_classes: int, steps: int = STANDARD_STEPS,
                  n_target_classes: int = STANDARD_TARGET_CLASSES, seed: int | None = 0):
-        super().__init__(model, eps, seed)
-        if n_classes < 2:
-            raise AttackNotApplicable(f"fab-t needs at least 2 classes, this label set has {n_classes}")
-        if steps < 1 or n_target_classes < 1:
-            raise ValueError(f"steps and n_target_classes must be >= 1, got {steps} and {n_target_classes}")
-        self.steps = int(steps)
-        self.n_classes = int(n_classes)
-        self.n_target_classes = min(int(n_target_classes), self.n_classes - 1)
+        super().__init__(model, eps, n_classes, steps, n_target_classes, seed)
 
     def build(self, model):
         attack = torchattacks().FAB(model, norm="Linf", eps=self.eps, steps=self.steps, n_restarts=1,
