@@ -8,11 +8,14 @@ encoder through an in-process ``MicroBatcher`` (see ``serving/batching.py`` for 
 separate batchable service).
 
 Every refusal is a 4xx (or 503 for a probe past its time limit) with a JSON body ``{"error": ...}``.
+Hugging Face's zero-shot wire format is mounted at ``/hf`` (``serving/huggingface.py``), OpenAI's
+embeddings at ``/v1`` (``serving/openai_api.py``); optional API keys: ``serving/auth.py``.
 """
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -24,6 +27,8 @@ from starlette.responses import JSONResponse
 from capt import default_model
 from export.bundle import BundleError, bundle_path_from_store, load_bundle, verify_bundle
 
+from . import huggingface, openai_api
+from .auth import ApiKeyAuth, describe as describe_api_keys, load_api_keys
 from .batching import MicroBatcher
 from .errors import ClientError, RequestError
 from .images import decode_base64_image, read_upload
@@ -31,6 +36,8 @@ from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipa
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
+# Read where the module is imported: an empty key or key file stops `bentoml serve` at start.
+API_KEYS = load_api_keys()
 
 
 def bundle_dir() -> Path:
@@ -57,7 +64,7 @@ def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
     try:
         return work()
     except ClientError as err:
-        return JSONResponse({"error": str(err)}, status_code=err.status)
+        return huggingface.error_response(err)  # {"error": message}, with Retry-After on a 429
 
 
 # Sync endpoints run on a thread pool that BentoML sizes to 1 by default: one probe would then hold
@@ -92,6 +99,15 @@ class Classifier:
                                                 labelnames=["reason"])
         self.probe_seconds = bentoml.metrics.Histogram(name="capt_probe_seconds", documentation="probe time",
                                                        buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
+        # The wire formats of other clients (serving/huggingface.py, serving/openai_api.py).
+        self.served_model_name = os.environ.get("CAPT_SERVED_MODEL_NAME") or self.model.manifest["model"]
+        self.embedding_slots = threading.BoundedSemaphore(self.model.limits.max_concurrent_embeddings)
+        logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see (capt logs warnings)
+
+    def __is_ready__(self) -> bool:
+        """BentoML's /readyz hook: 503 unless a tiny classification through the served graphs (and the
+        image batcher) answers, checked at most every CAPT_READY_CACHE_S seconds."""
+        return self.model.ready(encode=self.encode_images)
 
     def _count_label_lookup(self, hit: bool) -> None:
         # From this request's own flag: the cache's shared counters move under concurrent requests too.
@@ -178,6 +194,11 @@ class Classifier:
 for _api in Classifier.apis.values():
     _api.input_spec.model_config["extra"] = "forbid"
     _api.input_spec.model_rebuild(force=True)
+Classifier.add_asgi_middleware(ApiKeyAuth, keys=API_KEYS)  # first: a request without a key gets no further
 Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
 Classifier.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
+Classifier.mount_asgi_app(huggingface.create_app(bentoml.get_current_service), path=huggingface.MOUNT)
+Classifier.mount_asgi_app(openai_api.create_app(bentoml.get_current_service), path=openai_api.MOUNT)
+from .ui import ui_app  # noqa: E402 - the /ui page (serving/static/), served by this process
+Classifier.mount_asgi_app(ui_app, path="/ui")
