@@ -32,7 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = REPO_ROOT / "benchmarks"
 CACHE_DIR = BENCH_DIR / ".cache"  # exported graphs and bundles, reused between runs (gitignored)
 RESULTS_DIR = BENCH_DIR / "results"
-DEFAULT_PROMPTS, DEFAULT_WEIGHTS = default_model.PROMPTS, default_model.WEIGHTS
+DEFAULT_PROMPTS, DEFAULT_WEIGHTS = default_model.PROMPTS, default_model.BASE_WEIGHTS
 
 
 # ---- worker subprocesses ------------------------------------------------------------------------
@@ -129,27 +129,36 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
     return round((busy1 - busy0) / max(1, total1 - total0), 3)
 
 
+def hardware() -> dict:
+    """capt.hardware's description of this machine (the one home of CPU features, cores, CUDA and the
+    precision auto picks), from a subprocess so that the parent never imports torch."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "capt.hardware"], cwd=REPO_ROOT, env=_child_env(),
+                              capture_output=True, text=True, timeout=120)
+        return json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr[-300:]}
+    except (OSError, subprocess.SubprocessError, json.JSONDecodeError) as err:
+        return {"error": error_text(err)}
+
+
 def machine() -> dict:
     """What the numbers were measured on (read without importing torch in the parent)."""
-    cpu = platform.processor() or platform.machine()
     memory_gb = None
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 memory_gb = round(int(line.split()[1]) / 1024 ** 2, 1)
-    gpu = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
-        gpu = out.stdout.strip() or None if out.returncode == 0 else None
+    described = hardware()
+    gpu = ", ".join(f"{d['name']} (capability {'.'.join(map(str, d['capability']))})"
+                    for d in described.get("cuda") or []) or None
+    features = [name for name, on in (described.get("features") or {}).items() if on]
     return {
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpu": described.get("cpu_model") or platform.processor() or platform.machine(),
+        "cpu_vendor": described.get("cpu_vendor"),
+        "cpu_features": ", ".join(features) if features else None,
+        "torch_cpu_capability": described.get("torch_cpu_capability"),
+        "precision_auto": described.get("recommended_precision"),
+        "logical_cores": described.get("logical_cores", os.cpu_count()),
+        "usable_cores": described.get("usable_cores", os.cpu_count()),
         # Anything else running skews every figure here: the 1-minute load average when the report was made.
         "load_average_1min": round(os.getloadavg()[0], 2),
         "memory_gb": memory_gb,
@@ -161,6 +170,7 @@ def machine() -> dict:
         "onnx": _version("onnx"),
         "bentoml": _version("bentoml"),
         "numpy": _version("numpy"),
+        "hardware": described,
     }
 
 
@@ -207,7 +217,8 @@ def to_markdown(result: dict) -> str:
 
 
 def machine_markdown(info: dict) -> str:
-    return "\n".join(f"- {key}: {value}" for key, value in info.items() if value is not None)
+    # The full capt.hardware description stays in the JSON; its summary keys are listed here.
+    return "\n".join(f"- {key}: {value}" for key, value in info.items() if value is not None and key != "hardware")
 
 
 def main(name: str, run: Callable[[bool], dict], workers: dict[str, Callable[[dict], dict]],

@@ -1,5 +1,7 @@
 """The ``capt`` command line: ``capt train``, ``capt eval``, ``capt pretrain``, ``capt replicate``, ``capt promote``,
-``capt models``, ``capt methods``, and ``capt export`` (added by the ``export`` package, see ``_plugins``)."""
+``capt models``, ``capt methods``; and, registered as ``capt.commands`` entry points (see ``_plugins``),
+``capt export`` (from the ``export`` package) and ``capt info``, ``capt robustify``, ``capt curves`` (each
+defined beside what it runs)."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +14,8 @@ def _train(args) -> None:
     from .config import TrainConfig
     from .train import train
 
-    overrides = {"epochs": args.epochs, "output_dir": args.output_dir, "device": args.device, "seed": args.seed}
+    overrides = {"epochs": args.epochs, "output_dir": args.output_dir, "device": args.device, "seed": args.seed,
+                 "precision": args.precision}
     config = TrainConfig.from_yaml(args.config, overrides)
     run_dir = train(config, resume=args.resume, stop_after_epoch=args.stop_after_epoch, progress=not args.no_progress)
     print(f"checkpoints in {run_dir}")
@@ -31,6 +34,8 @@ def _eval(args) -> None:
     from .train import resolve_device
 
     attacks = check_attack_names(args.attacks or ["pgd"])
+    from .evaluate import check_eval_precision
+    check_eval_precision(args.precision, args.eps)  # an explicit bf16/fp16 with attacks is refused before loading
     require_backend(attacks)  # a missing torchattacks is said before the model loads, with the install command
     device = resolve_device(args.device)
     if args.checkpoint:
@@ -53,8 +58,9 @@ def _eval(args) -> None:
         torch.manual_seed(args.seed)
         results.append(evaluate(model, data, args.eps, steps=args.steps, batch_size=args.batch_size,
                                 max_samples=args.max_samples, seed=args.seed, progress=not args.no_progress,
-                                attacks=attacks))
-    json_path, md_path = write_results(results, args.output, extra={**source, "attacks": attacks})
+                                attacks=attacks, precision=args.precision))
+    json_path, md_path = write_results(results, args.output, extra={**source, "attacks": attacks,
+                                                                    "precision": results[0]["precision"]})
     print(markdown_table(results), end="")
     print(f"written {json_path} and {md_path}")
 
@@ -63,7 +69,8 @@ def _pretrain(args) -> None:
     from .pretrain import PretrainConfig, pretrain
 
     values = {k: v for k, v in {"model": args.model, "steps": args.steps, "batch_size": args.batch_size,
-                                "seed": args.seed, "fashion_root": args.fashion_root, "loss": args.loss}.items()
+                                "seed": args.seed, "fashion_root": args.fashion_root, "loss": args.loss,
+                                "precision": args.precision}.items()
               if v is not None}
     weights = pretrain(PretrainConfig(**values), args.output, resume=args.resume, progress=not args.no_progress)
     print(f"weights in {weights}")
@@ -98,6 +105,14 @@ def _methods(args) -> None:
     print("\n".join(list_methods()))
 
 
+def _add_precision_option(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    from .hardware import PRECISIONS
+    p.add_argument("--precision", choices=list(PRECISIONS), default=default,
+                   help=f"auto (default: bf16 autocast on a CPU with native bf16 (AVX512_BF16 or AMX-BF16), on a GPU "
+                        f"bf16 from compute capability 8.0 and fp16 below, fp32 elsewhere; `capt info` says which), "
+                        f"fp32, bf16 or fp16: {what}")
+
+
 def _add_attack_option(p: argparse.ArgumentParser) -> None:
     from .attacks.autoattack import EVAL_ATTACKS
     p.add_argument("--attack", dest="attacks", action="extend", nargs="+", choices=list(EVAL_ATTACKS),
@@ -121,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="override the config's seed")
     p.add_argument("--resume", action="store_true", help="continue from the output_dir's latest checkpoint")
     p.add_argument("--stop-after-epoch", type=int, help="stop after this epoch (resume later with --resume)")
+    _add_precision_option(p, "the training step's autocast, its PGD included (overrides the config's precision: "
+                             "a legacy amp: true means bf16 on CUDA, fp32 on CPU); the run records the precision used "
+                             "and --resume refuses another")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_train)
 
@@ -142,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--output", default="results", help="directory for results.json and results.md")
+    _add_precision_option(p, "clean-only evaluations (--eps with no value) run their forward passes in it; whenever an "
+                             "attack runs, every pass is fp32 (a reduced-precision attack is weaker and would overstate "
+                             "robustness), so auto then means fp32 and an explicit bf16/fp16 is refused", default="auto")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_eval)
 
@@ -152,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--fashion-root", help="Fashion-MNIST idx files ('' to leave them out)")
+    _add_precision_option(p, "autocast of the pretraining step (default auto; recorded in pretrain_config.json)")
     p.add_argument("--loss", choices=["multi_positive", "clip"],
                    help="multi_positive (default): a caption is a positive for every image in the batch it is true of; "
                         "clip: open_clip's ClipLoss, one positive each")
@@ -193,9 +215,10 @@ PLUGIN_GROUP = "capt.commands"
 
 
 def _plugins() -> list:
-    """Sub-commands other packages add (``export`` adds ``capt export``): entry points of the
-    ``capt.commands`` group, each ``register(subparsers) -> tuple of its user-facing error types``.
-    Plugged in rather than imported, so that ``capt`` does not depend on the packages built on it."""
+    """Sub-commands registered as entry points of the ``capt.commands`` group, each
+    ``register(subparsers) -> tuple of its user-facing error types``. Plugged in rather than imported,
+    so that ``capt`` does not depend on the packages built on it (``export`` adds ``capt export``),
+    and so that a command's options live with the module that runs it (``capt.robustify``)."""
     from importlib.metadata import entry_points
     return list(entry_points(group=PLUGIN_GROUP))
 

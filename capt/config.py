@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from .hardware import LEGACY_AMP, check_precision
 from .losses import LossConfig
 from .options import Options
 from .prompts import PromptConfig
@@ -105,6 +106,35 @@ def load_method(name: str) -> dict:
 
 
 @dataclass
+class CurveConfig(Options):
+    """Learning-curve points in the epoch records (``metrics.jsonl``): every ``every`` epochs (0: none)
+    and after the last, clean and PGD accuracy of the model being tuned on ``samples`` images of
+    ``data`` (held out) and on as many of its own training images, at ``eps`` (default: the training
+    attack's), with ``pgd_steps`` of step eps/4. Seeded, and outside the optimisation: a run with a
+    curve ends with the same prompts as one without."""
+    SECTION = "curve"
+
+    every: int = 0
+    data: str | None = None
+    samples: int = 200
+    eps: list | None = None
+    pgd_steps: int = 10
+
+    def __post_init__(self):
+        if self.every < 0 or self.samples < 1 or self.pgd_steps < 1:
+            raise ValueError("curve: every must be >= 0, samples and pgd_steps >= 1")
+        if self.every and not self.data:
+            raise ValueError("curve: give data (a dataset spec of held-out images, e.g. toyworld_pairs::test)")
+
+    @classmethod
+    def _convert(cls, values: dict) -> dict:
+        values = dict(values)
+        if values.get("eps") is not None:
+            values["eps"] = [parse_eps(e) for e in values["eps"]]
+        return values
+
+
+@dataclass
 class TrainConfig:
     model: str = "capt-tiny-vit"
     pretrained: str | None = None
@@ -121,10 +151,17 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     num_workers: int = 0
-    amp: bool = True
+    # auto | fp32 | bf16 | fp16 (capt.hardware): autocast of the training step, PGD included; auto is
+    # capt.hardware.recommended_precision on the run's device. A legacy ``amp: true`` loads as
+    # "cuda-bf16" (bf16 autocast on CUDA, fp32 on CPU: what it did), ``amp: false`` as fp32.
+    precision: str = "auto"
     device: str = "auto"
     output_dir: str = "runs/capt"
     keep_checkpoints: int = 2
+    # The frozen CLIP f_0 of the loss (its clean predictions and alpha); None: the tuned model with its
+    # prompts off. Set it to the original weights when ``pretrained`` is a robust backbone (capt robustify).
+    reference_pretrained: str | None = None
+    curve: CurveConfig = field(default_factory=CurveConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -137,18 +174,35 @@ class TrainConfig:
             raise ValueError(f"method '{values.get('method')}' has nothing to train; evaluate it with "
                              "`capt eval --method zeroshot --model ... --pretrained ...`")
         nested = {}
-        for section, kind in (("prompt", PromptConfig), ("loss", LossConfig), ("attack", AttackConfig)):
+        for section, kind in (("prompt", PromptConfig), ("loss", LossConfig), ("attack", AttackConfig),
+                              ("curve", CurveConfig)):
             merged = {**(method.get(section) or {}), **(values.pop(section, None) or {})}
             nested[section] = kind.from_dict(merged)
+        values = cls.upgrade_legacy(values)
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown config key(s): {sorted(unknown)}")
         config = cls(**values, **nested)
+        check_precision(config.precision, allow_legacy=True)
         if config.epochs < 1 or config.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
         if config.shots is not None and config.shots < 1:
             config.shots = None  # 0 means all data
         return config
+
+    @staticmethod
+    def upgrade_legacy(values: dict) -> dict:
+        """A config (or a run's config.yaml) written before ``precision`` existed: ``amp`` becomes it."""
+        if "amp" not in values:
+            return values
+        values = dict(values)
+        amp = values.pop("amp")
+        legacy = LEGACY_AMP if amp else "fp32"
+        if values.get("precision") not in (None, legacy):
+            raise ValueError(f"config gives both amp: {amp} and precision: {values['precision']}; "
+                             "amp is the old name, keep precision only")
+        values["precision"] = legacy
+        return values
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
@@ -158,7 +212,10 @@ class TrainConfig:
         values = yaml.safe_load(path.read_text()) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping at the top level")
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+        if "precision" in overrides:
+            values.pop("amp", None)  # --precision replaces the file's legacy amp
+        values.update(overrides)
         return cls.from_dict(values)
 
     def to_dict(self) -> dict:

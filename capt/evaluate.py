@@ -43,6 +43,7 @@ from .attacks.autoattack import (BLACK_BOX, EVAL_ATTACKS, WHITE_BOX, AttackBudge
 from .attacks._torchattacks import AttackNotApplicable
 from .attacks.precision import PrecisionError, require_fp32
 from .data import LabeledDataset
+from .hardware import Hardware, autocast_factory, check_precision, resolve_precision
 from .prompts import PromptedCLIP, ZeroShotClassifier
 
 MASKING_THRESHOLD = 0.01  # fraction of the evaluated images Square alone may fool before the row is flagged
@@ -101,16 +102,46 @@ def _predict(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1)
 
 
+def check_eval_precision(requested: str, eps_list: Sequence[float]) -> None:
+    """An explicit reduced precision is for clean-only evaluation: with an attack, every figure is fp32."""
+    check_precision(requested)
+    if requested in ("bf16", "fp16") and list(eps_list):
+        raise ValueError(f"--precision {requested} applies to clean-only evaluation (--eps with no value): attacks, and "
+                         "the clean pass their robust accuracy builds on, always run in float32 (a reduced-precision "
+                         "attack is weaker and overstates robustness); use --precision auto or fp32")
+
+
+def eval_precision(requested: str, eps_list: Sequence[float], device, hardware: Hardware | None = None) -> dict:
+    """What an evaluation runs in: attacks always fp32; the clean pass in ``requested`` (auto: the
+    machine's recommended precision) only when no attack runs, fp32 otherwise."""
+    check_eval_precision(requested, eps_list)
+    clean = "fp32" if list(eps_list) else resolve_precision(requested, device, hardware)
+    return {"requested": requested, "clean": clean, "attacks": "fp32"}
+
+
+def _clean_predict(classifier: nn.Module, images: torch.Tensor, precision: str) -> torch.Tensor:
+    if precision == "fp32":
+        return _predict(classifier, images)
+    with torch.no_grad(), autocast_factory(precision, images.device)():
+        return classifier(images).float().argmax(-1)
+
+
 def attack_robustness(classifier: nn.Module, batches: Iterable, n_classes: int, eps_list: Sequence[float],
                       attacks: Sequence[str] = ("pgd",), budget: AttackBudget = AttackBudget(), seed: int = 0,
-                      progress: bool = True, name: str = "eval", device: torch.device | str = "cpu") -> dict:
+                      progress: bool = True, name: str = "eval", device: torch.device | str = "cpu",
+                      clean_precision: str = "fp32") -> dict:
     """Clean accuracy, robust accuracy per attack, the worst case and the masking check of ``classifier``
     (pixels in [0, 1] -> logits) on ``batches`` (re-iterable, in the same order every time: a
-    DataLoader without shuffling, or a list of ``(images, labels)``)."""
+    DataLoader without shuffling, or a list of ``(images, labels)``). ``clean_precision`` other than
+    fp32 (autocast of the clean pass) is only allowed without attacks (empty ``eps_list``)."""
     attacks = check_attack_names(attacks)
     # Checked once here, and again by every torchattacks wrapper: a figure only ever comes from fp32.
     require_fp32(classifier, what="the evaluated model")
-    clean = torch.cat([(_predict(classifier, images.to(device)) == labels.to(device)).cpu() for images, labels in batches])
+    if clean_precision != "fp32" and list(eps_list):
+        raise PrecisionError(f"the clean pass of an evaluation with attacks must run in float32, got {clean_precision}: "
+                             "robust accuracy counts an image only if it is also right clean")
+    clean = torch.cat([(_clean_predict(classifier, images.to(device), clean_precision) == labels.to(device)).cpu()
+                       for images, labels in batches])
     n = clean.numel()
     by_attack: dict[str, dict] = {}
     worst, masking, stages, not_applicable, seconds = {}, {}, {}, {}, {}
@@ -176,20 +207,24 @@ def attack_robustness(classifier: nn.Module, batches: Iterable, n_classes: int, 
         "attacks": attacks, "attack_titles": {a: attack_title(a, budget) for a in attacks},
         "autoattack_stages": stages, "not_applicable": not_applicable, "masking": masking,
         "budget": budget.to_dict(), "attack_seconds": seconds,
+        "precision": {"clean": clean_precision, "attacks": "fp32"},
     }
 
 
 def evaluate(model: PromptedCLIP, data: LabeledDataset, eps_list: Sequence[float], steps: int = 100,
              batch_size: int = 64, max_samples: int | None = None, seed: int = 0, progress: bool = True,
-             attacks: Sequence[str] = ("pgd",), budget: AttackBudget | None = None) -> dict:
+             attacks: Sequence[str] = ("pgd",), budget: AttackBudget | None = None, precision: str = "fp32",
+             hardware: Hardware | None = None) -> dict:
     """``steps`` is PGD's (it overrides ``budget.pgd_steps``); the other attacks' budgets are ``budget``'s,
-    AutoAttack's standard by default."""
+    AutoAttack's standard by default. ``precision`` (auto, fp32, bf16, fp16; see ``eval_precision``)
+    applies to the clean pass of a clean-only evaluation; attacks always run in float32."""
     attacks = check_attack_names(attacks)
     if not getattr(model, "_prompts_enabled", True):
         raise ValueError("evaluation attacks the tuned model: evaluate was called inside model.prompts_disabled() "
                          "(the frozen CLIP branch), whose robustness is not the tuned model's")
     budget = replace(budget or AttackBudget(), pgd_steps=steps)
     device = model.pixel_mean.device
+    used = eval_precision(precision, eps_list, device, hardware)
     model.eval()
     classifier = ZeroShotClassifier(model, _class_embeddings(model, data))
     indices = list(range(len(data)))
@@ -198,8 +233,9 @@ def evaluate(model: PromptedCLIP, data: LabeledDataset, eps_list: Sequence[float
         indices = sorted(order[:max_samples].tolist())
     loader = DataLoader(Subset(data.dataset, indices), batch_size=batch_size, shuffle=False)
     result = attack_robustness(classifier, loader, len(data.classnames), eps_list, attacks=attacks, budget=budget,
-                               seed=seed, progress=progress, name=f"eval {data.name}", device=device)
-    return {"dataset": data.name, "classes": len(data.classnames), **result, "pgd_steps": steps}
+                               seed=seed, progress=progress, name=f"eval {data.name}", device=device,
+                               clean_precision=used["clean"])
+    return {"dataset": data.name, "classes": len(data.classnames), **result, "pgd_steps": steps, "precision": used}
 
 
 def _masking_cell(result: dict) -> str:

@@ -17,7 +17,7 @@ one-off frozen-feature pass.
 """
 from __future__ import annotations
 
-import contextlib
+import copy
 import json
 import math
 import os
@@ -37,12 +37,13 @@ from .attacks import PGD
 from .checkpoint import LATEST_FILE, atomic_write_text, read_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttackConfig, TrainConfig
 from .data import load_dataset
+from .hardware import LEGACY_AMP, autocast_factory, resolve_precision
 from .losses import capt_loss
 from .models import create_clip, pixel_transform
-from .prompts import PromptedCLIP, ZeroShotClassifier
+from .prompts import PromptConfig, PromptedCLIP, ZeroShotClassifier
 
 # Keys that may differ between a run and its resumption without changing the result.
-_RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints")
+_RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints", "curve")
 # The progress bar's running figures cost a host sync each time: refreshed at most this often.
 _POSTFIX_SECONDS = 1.0
 
@@ -168,6 +169,43 @@ def _frozen_image_features(model: PromptedCLIP, dataset, config: TrainConfig, de
     return distributed.gather_rows(features)[: len(dataset)]
 
 
+class _Curve:
+    """The learning-curve points of ``CurveConfig``: the same seeded images and attacks every time."""
+
+    def __init__(self, config: TrainConfig, train_data, train_eps: float, transform):
+        self.config = config.curve
+        self.eps = self.config.eps or [train_eps]
+        self.sets = {"heldout": load_dataset(self.config.data, transform), "train": train_data}
+
+    def point(self, model: PromptedCLIP) -> dict:
+        from .evaluate import evaluate
+        point = {}
+        for name, data in self.sets.items():
+            result = evaluate(model, data, self.eps, steps=self.config.pgd_steps, batch_size=100,
+                              max_samples=self.config.samples, seed=0, progress=False)
+            point[name] = {"dataset": result["dataset"], "n": result["n"], "clean_acc": result["clean_acc"],
+                           "robust_acc": result["robust_acc"]}
+        point["attack"] = f"PGD-{self.config.pgd_steps}"
+        return point
+
+
+def _reference_model(config: TrainConfig, model: PromptedCLIP, device: torch.device) -> PromptedCLIP:
+    """The frozen CLIP ``f_0`` of the loss: the tuned model with its prompts off, or, with
+    ``reference_pretrained``, another CLIP of the same architecture (the original CLIP when ``model``
+    sits on a robust backbone from ``capt robustify``, so that the consistency term still points at it)."""
+    if not config.loss.needs_frozen:
+        return model
+    if config.reference_pretrained:
+        clip = create_clip(config.model, config.reference_pretrained, device=device, quick_gelu=config.quick_gelu)
+    elif config.prompt.tune_image_tower:
+        # A tuned image tower is not the frozen CLIP even with the prompts off: f_0 keeps its original weights.
+        clip = copy.deepcopy(model.base_clip)
+        clip.model.requires_grad_(False)
+    else:
+        return model
+    return PromptedCLIP(clip, PromptConfig()).to(device).eval()
+
+
 def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in _RESUME_FREE_KEYS}
 
@@ -188,6 +226,10 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
 def _train(config: TrainConfig, device: torch.device, distributed: _Distributed, resume: bool,
            stop_after_epoch: int | None, progress: bool) -> Path:
     run_dir = Path(config.output_dir)
+    # The run records the precision it ran in (auto resolved on this device), so that a resume on a
+    # machine where auto means something else is refused rather than silently changing the result.
+    precision = resolve_precision(config.precision, device)
+    record = {**config.to_dict(), "precision": precision}
     has_checkpoint = (run_dir / LATEST_FILE).is_file()
     if has_checkpoint and not resume:
         raise FileExistsError(f"{run_dir} already holds checkpoints: pass --resume to continue that run, "
@@ -195,9 +237,12 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     if resume and not has_checkpoint:
         raise FileNotFoundError(f"--resume: no checkpoint in {run_dir}")
     if resume:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        if _comparable(saved) != _comparable(config.to_dict()):
-            changed = sorted(k for k in _comparable(saved) if saved.get(k) != config.to_dict().get(k))
+        saved = TrainConfig.upgrade_legacy(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        # A key added after the run was written held its default then (what the code did before it existed).
+        saved = {**{k: v for k, v in TrainConfig().to_dict().items() if k != "precision"}, **saved}
+        saved["precision"] = resolve_precision(saved.get("precision", LEGACY_AMP), device)  # a legacy amp run
+        if _comparable(saved) != _comparable(record):
+            changed = sorted(k for k in {**_comparable(saved), **_comparable(record)} if saved.get(k) != record.get(k))
             raise ValueError(f"--resume with a different configuration ({', '.join(changed)}); "
                              "resuming must not change the result, start a new output_dir instead")
 
@@ -208,8 +253,9 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     if len(data) == 0:
         raise ValueError(f"dataset {config.data} is empty")
     tokens = model.tokenize(data.classnames).to(device)
-    with torch.no_grad(), model.prompts_disabled():
-        frozen_text = model.encode_labels(data.classnames)  # the hand prompt of f_0
+    reference = _reference_model(config, model, device)
+    with torch.no_grad(), reference.prompts_disabled():
+        frozen_text = reference.encode_labels(data.classnames)  # the hand prompt of f_0
 
     params = list(model.prompt_parameters().values())
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -234,7 +280,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         start_epoch, global_step = trainer_state["epoch"], trainer_state["global_step"]
     elif distributed.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
 
     loss_cfg, attack_cfg = config.loss, config.attack
     step = _TrainingStep(model, tokens, attack_cfg, clean_in_graph=loss_cfg.ce_on == "clean")
@@ -246,16 +292,18 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
             if param.numel() == 0:
                 param.requires_grad_(False)
         forward = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (config.amp and device.type == "cuda") \
-        else contextlib.nullcontext
+    autocast = autocast_factory(precision, device)
+    # fp16 gradients underflow without loss scaling; bf16 and fp32 need none (the scaler is then a no-op).
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     model.train()
 
     one_off_started = time.perf_counter()
     frozen_features = None
     if loss_cfg.needs_frozen and start_epoch < config.epochs:
-        frozen_features = _frozen_image_features(model, data.dataset, config, device, distributed, autocast)
+        frozen_features = _frozen_image_features(reference, data.dataset, config, device, distributed, autocast)
     one_off_seconds = time.perf_counter() - one_off_started
 
+    curve = _Curve(config, data, attack_cfg.eps, pixel_transform(clip.preprocess_cfg)) if config.curve.every else None
     for epoch in range(start_epoch, config.epochs):
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch)).tolist()
         order = (order * distributed.world_size)[: per_rank * distributed.world_size]  # equal shards, like DistributedSampler
@@ -279,13 +327,14 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
                 if frozen_features is not None:
                     with torch.no_grad():
                         rows = positions[images_seen:images_seen + batch]
-                        frozen_logits = model.logits(frozen_features[rows], frozen_text)
+                        frozen_logits = reference.logits(frozen_features[rows], frozen_text).float()  # fp32, as the step's
                 clean_logits, adv_logits = forward(images, labels, config.seed * 1_000_003 + global_step * 997
                                                    + distributed.rank)
                 loss, parts = capt_loss(loss_cfg, labels, clean_logits, adv_logits, frozen_logits)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             scheduler.step()
             global_step += 1
 
@@ -310,6 +359,9 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
                   "world_size": distributed.world_size,
                   "rank_param_max_diff": distributed.max_param_difference(params)}
         record["images_per_s"] = round(n / max(record["seconds"], 1e-9), 2)
+        if config.curve.every and ((epoch + 1) % config.curve.every == 0 or epoch + 1 == config.epochs):
+            record["curve"] = curve.point(model)
+            model.train()
         history.append(record)
         if distributed.is_main:
             meta = {"method": config.method, "classnames": data.classnames, "dataset": data.name,

@@ -20,12 +20,14 @@ from PIL import Image
 
 from capt.attacks import PGD
 from capt.data.templates import check_template
+from capt.hardware import autocast_factory, check_precision, detect, resolve_precision
 from capt.images import pixel_transform
 from capt.prompts import ZeroShotClassifier
 from export.bundle import cuda_unavailable_reason, load_bundle
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
+from .engine import REFERENCE, choose_engine
 from .errors import Busy, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -56,7 +58,15 @@ class Limits:
     # where OpenMP teams measured slower than on a main thread: on 2 cores, 1 thread made a 10-step
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
+    # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto is
+    # bf16 on a CPU with native bf16 (capt.hardware), fp32 elsewhere. The judgement of the attack's final
+    # image (``flipped``, margins, ``served_onnx``) is always fp32.
+    probe_precision: str = "auto"
     label_cache_size: int = 256
+    # /v1/embeddings requests at once; more are refused with 429 and Retry-After, never queued.
+    max_concurrent_embeddings: int = 8
+    # Seconds a readiness self-check (``ServingModel.ready``) is reused by /readyz before it runs again.
+    ready_cache_s: float = 5.0
 
     @classmethod
     def from_env(cls) -> "Limits":
@@ -70,6 +80,21 @@ class Limits:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+class _Autocast(torch.nn.Module):
+    """``classifier`` under autocast (a concrete precision; fp32: as it is), returning fp32 logits, so that
+    an attack's steps take the fast path while its gradients and loss stay fp32 tensors."""
+
+    def __init__(self, classifier: torch.nn.Module, precision: str):
+        super().__init__()
+        self.classifier, self.precision = classifier, precision
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.precision == "fp32":
+            return self.classifier(pixels)
+        with autocast_factory(self.precision, pixels.device)():
+            return self.classifier(pixels).float()
 
 
 class _Deadline(torch.nn.Module):
@@ -105,6 +130,12 @@ QUANTISATION_FAILED_NOTE = ("some pixels have no 8-bit value inside the eps ball
 # Said in an answer whose templates were given but not used (see ``ServingModel.templates_apply``).
 TEMPLATES_IGNORED_NOTE = ("this model has learned text prompts: its learned context replaces a template's words, "
                           "so the templates given were not used")
+
+
+# Readiness (``ServingModel.ready``): the labels of its tiny self-check classification, and one lock that
+# lets one check run at a time.
+READY_CHECK_LABELS = ("red", "blue")
+_READY_LOCK = threading.Lock()
 
 
 class LabelCache:
@@ -193,7 +224,7 @@ class ServingModel:
     passes its cross-request batcher); by default the local ONNX session runs it."""
 
     def __init__(self, bundle_dir: str | Path, limits: Limits | None = None, providers: Sequence[str] | None = None,
-                 check_twin: bool = True):
+                 check_twin: bool = True, engine: str | None = None):
         """``check_twin=False`` skips comparing the probe's twin with the graphs, for a process whose
         parent already did (``bentoml serve`` checks once before starting its workers)."""
         self.bundle = load_bundle(bundle_dir, providers, check=check_twin)
@@ -207,6 +238,13 @@ class ServingModel:
             self.provider_note = f"running on {self.provider}: {reason}"
             logger.warning("ONNX Runtime %s", self.provider_note)
         self.torch_model = self.bundle.twin
+        # The served image encoder (serving/engine.py): ``engine`` or CAPT_ENGINE, default auto (a short
+        # self-test of the paths this machine offers); an explicit one that cannot serve stops start-up.
+        self.hardware = detect()
+        override = engine if engine is not None else os.environ.get("CAPT_ENGINE", "auto")
+        self.engine, self.engine_report = choose_engine(self.bundle, self.hardware, override, providers)
+        logger.info("image encoder: %s (%s)", self.engine.name, self.engine_report["reason"])
+        self.probe_precision = resolve_precision(check_precision(self.limits.probe_precision), "cpu", self.hardware)
         self.transform = pixel_transform(self.torch_model.preprocess_cfg)
         self.logit_scale = self.bundle.logit_scale
         self.label_cache = LabelCache(self.limits.label_cache_size)
@@ -219,6 +257,11 @@ class ServingModel:
         return torch.stack([self.transform(image) for image in images]).numpy()
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """The served image encoder (``self.engine``)."""
+        return self.engine.encode(pixels.astype(np.float32))
+
+    def encode_images_exported(self, pixels: np.ndarray) -> np.ndarray:
+        """The exported ONNX graph as it is (fp32): the probe's served judgement."""
         return self.image_session.run(None, {"pixels": pixels.astype(np.float32)})[0]
 
     def encode_texts(self, texts_or_labels: Sequence[str], template: str | None = None) -> np.ndarray:
@@ -289,16 +332,19 @@ class ServingModel:
         return self.classify_answer(images, labels, templates, top_k, encode)["predictions"]
 
     def classify_answer(self, images: Sequence[Image.Image], labels: Sequence[str],
-                        templates: Sequence[str] | None = None, top_k: int = 5,
+                        templates: Sequence[str] | None = None, top_k: int | None = 5,
                         encode: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
         """The classify endpoints' answer: ``predictions``, ``label_cache_hit`` (this request's own
-        lookup) and ``templates_applied`` (with ``templates_note`` when given templates were ignored)."""
+        lookup) and ``templates_applied`` (with ``templates_note`` when given templates were ignored).
+        ``top_k=None`` ranks every label (the Hugging Face wire format answers them all)."""
         labels, templates = validate_labels(labels, templates, self.limits)
         if not images:
             raise RequestError("no image given")
         if len(images) > self.limits.max_images:
             raise RequestError(f"too many images: {len(images)} > {self.limits.max_images}")
-        if not 1 <= top_k <= self.limits.max_top_k:
+        if top_k is None:
+            top_k = len(labels)
+        elif not 1 <= top_k <= self.limits.max_top_k:
             raise RequestError(f"top_k must be in 1..{self.limits.max_top_k}")
         # Labels first: one too long for the text context is refused before any image is encoded.
         class_embeddings, hit = self.cached_class_embeddings(labels, templates)
@@ -391,7 +437,7 @@ class ServingModel:
         """Untargeted ``attack`` (CE on ``target``) in ``view``'s space with restarts. Each restart's image
         is quantised to the 8-bit grid inside the ball and judged by the twin on what the real pipeline
         makes of it; the restart with the lowest such margin wins, and a flip ends the search."""
-        attacked = view.attacked(classifier)
+        attacked = view.attacked(_Autocast(classifier, self.probe_precision))  # the judge below stays fp32
         best = None
         for restart in range(restarts):
             # Restart 0 from the clean image: with few steps the signed gradient there leads straight to
@@ -437,7 +483,7 @@ class ServingModel:
             target = torch.tensor([target_index])
             gradient, = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, target), probe_input)
         outcome = self._attack(view, classifier, target, eps, steps, step_size, restarts, seed, attack)
-        onnx_embeddings = self.encode_images(torch.cat([pixels, outcome.served]).numpy())
+        onnx_embeddings = self.encode_images_exported(torch.cat([pixels, outcome.served]).numpy())
         onnx_answers = self.classify_embeddings(onnx_embeddings, labels, class_embeddings.numpy(), 1)
         used_step = (step_size if step_size is not None else default_step_size(eps, steps)) if attack == "pgd" else None
         quantised = on_grid(outcome.quantised)
@@ -445,7 +491,8 @@ class ServingModel:
             "labels": labels,
             "target": labels[target_index],
             "eps": eps, "eps_255": round(eps * 255, 3), "steps": steps, "step_size": used_step, "restarts": restarts,
-            "attack": _attack_report(attack, eps, steps, used_step, restarts, seed),
+            "attack": {**_attack_report(attack, eps, steps, used_step, restarts, seed),
+                       "precision": self.probe_precision},
             **view.describe(),
             "clean": _prediction(clean_logits, labels),
             "adversarial": _prediction(outcome.logits, labels),
@@ -469,6 +516,12 @@ class ServingModel:
                 "attack_did_nothing": eps == 0 or steps == 0 or grid_room(view.clean, eps) <= 0,
             },
         }
+        if self.engine.name != REFERENCE:
+            # What classify answers on these images when another path than the exported graph serves it.
+            served = self.classify_embeddings(self.encode_images(torch.cat([pixels, outcome.served]).numpy()), labels,
+                                              class_embeddings.numpy(), 1)
+            result["served_engine"] = {"engine": self.engine.name, "clean": served[0][0], "adversarial": served[1][0],
+                                       "flipped": served[1][0]["label"] != labels[target_index]}
         if space == "upload":
             result["linf_distance_input_255"] = linf_255(outcome.served, pixels)
         if return_images:
@@ -531,6 +584,56 @@ class ServingModel:
                  "largest_holding_eps": holding / ticks / 255, "largest_holding_eps_255": round(holding / ticks, 3)}
         return {**report, **found, "grid": tried, "bisection": refined}
 
+    # ---- wire formats and readiness ---------------------------------------------------------------
+    @property
+    def embedding_dim(self) -> int:
+        """Size of the image and text embeddings (the graphs' static output width)."""
+        return int(self.text_session.get_outputs()[0].shape[-1])
+
+    def count_tokens(self, labels: Sequence[str]) -> list[int]:
+        """Per label, the token ids the text encoder runs on (start and end tokens and the template's
+        words included, padding and learned prompt vectors not): what an embeddings answer's ``usage``
+        reports."""
+        return [int(n) for n in (self.torch_model.tokenize(list(labels)) != 0).sum(-1)]
+
+    def self_check(self, encode: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """A tiny classification end to end: two labels through the text graph (not the label cache)
+        and a generated 64x64 image through preprocessing and ``encode`` (the service's batcher; by
+        default the served image encoder). Raises when the model cannot answer: an error from a session, or
+        embeddings of the wrong shape or not finite."""
+        ramp = np.linspace(0, 255, 64, dtype=np.float32)
+        image = Image.fromarray(np.stack([ramp[None, :].repeat(64, 0), ramp[:, None].repeat(64, 1),
+                                          np.full((64, 64), 128, np.float32)], -1).astype(np.uint8))
+        texts = np.asarray(self.encode_texts(READY_CHECK_LABELS))
+        images = np.asarray((encode or self.encode_images)(self.pixels([image])))
+        dim = self.embedding_dim
+        if texts.shape != (len(READY_CHECK_LABELS), dim) or images.shape != (1, dim):
+            raise RuntimeError(f"embeddings of shape {texts.shape} and {images.shape}, expected (2, {dim}) and (1, {dim})")
+        if not (np.isfinite(texts).all() and np.isfinite(images).all()):
+            raise RuntimeError("embeddings are not finite")
+        probabilities = [p["probability"] for p in self.classify_embeddings(images, list(READY_CHECK_LABELS), texts, 2)[0]]
+        if not np.isfinite(probabilities).all() or abs(sum(probabilities) - 1) > 1e-3:
+            raise RuntimeError(f"probabilities {probabilities} do not sum to 1")
+
+    def ready(self, encode: Callable[[np.ndarray], np.ndarray] | None = None) -> bool:
+        """Whether ``self_check`` passes, reusing its outcome for ``limits.ready_cache_s`` seconds (one
+        check at a time: concurrent callers wait for it). A change of state is logged, with the reason."""
+        with _READY_LOCK:
+            checked_at, was_ready = self.__dict__.get("_ready_state", (None, None))
+            if checked_at is not None and time.monotonic() - checked_at < self.limits.ready_cache_s:
+                return was_ready
+            try:
+                self.self_check(encode)
+                ready, reason = True, None
+            except Exception as err:  # any failure means "cannot answer", which is what /readyz reports
+                ready, reason = False, f"{type(err).__name__}: {err}"
+            self._ready_state = (time.monotonic(), ready)
+        if not ready and was_ready is not False:
+            logger.error("not ready: the self-check classification failed (%s)", reason)
+        elif ready and was_ready is False:
+            logger.warning("ready again: the self-check classification passed")
+        return ready
+
     def info(self) -> dict:
         m = self.manifest
         return {"model": m["model"], "method": m.get("method"), "pretrained": m.get("pretrained"),
@@ -539,7 +642,11 @@ class ServingModel:
                 "parity": {k: m["parity"][k] for k in ("max_abs_diff", "top1_agreement")},
                 "onnx_provider": self.provider, "onnx_provider_note": self.provider_note, "limits": self.limits.to_dict(),
                 "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},
-                "probes_run": self.probes_run, "torch_threads": torch.get_num_threads()}
+                "probes_run": self.probes_run, "torch_threads": torch.get_num_threads(),
+                "image_engine": {**self.engine_report, "serving": self.engine.name},
+                "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
+                                    "note": "autocast of the attack steps; the final image is judged in fp32"},
+                "hardware": self.hardware.to_dict()}
 
 
 def _prediction(logits: torch.Tensor, labels: list[str]) -> dict:

@@ -49,7 +49,8 @@ def test_repeated_label_sets_hit_the_cache(served):
 def test_onnx_and_pytorch_agree_on_clean_images(served):
     images = [toy_image(s, c, seed=3) for s, c in [("ring", "pink"), ("arrow", "orange"), ("diamond", "purple")]]
     labels = [f"{c} {s}" for c in COLOURS for s in SHAPES]
-    onnx = served.encode_images(served.pixels(images))
+    # The exported graph (fp32); the served engine may be another path (serving/engine.py, tests/test_engine.py).
+    onnx = served.encode_images_exported(served.pixels(images))
     with torch.no_grad():
         reference = served.torch_model.encode_image(torch.from_numpy(served.pixels(images))).numpy()
     assert np.abs(onnx - reference).max() < 1e-4

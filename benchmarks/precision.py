@@ -1,0 +1,90 @@
+"""``--precision``: the training step (CAPT on the default model's setup, its PGD inside the step) and
+the pretraining step (``capt pretrain``'s defaults, a few steps), each in fp32 and in ``auto`` (what
+capt.hardware recommends on this machine: bf16 autocast on a CPU with native bf16, fp32 elsewhere),
+each side in its own process, with the loss each reached as a sanity check.
+
+    python -m benchmarks.precision [--quick] [--output benchmarks/results/precision.json]
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import DEFAULT_WEIGHTS, main, ratio, report, run_worker
+from benchmarks.training import ATTACK, BATCH
+
+PRECISIONS = ("fp32", "auto")
+
+
+def worker_train(config: dict) -> dict:
+    import torch
+
+    from capt.config import TrainConfig
+    from capt.train import train
+    with tempfile.TemporaryDirectory(prefix="capt-bench-precision-") as tmp:
+        train_config = TrainConfig.from_dict({
+            "model": "capt-toy-vit", "pretrained": str(DEFAULT_WEIGHTS), "method": "capt",
+            "data": {"name": "toyworld_pairs", "split": "train"}, "shots": config["shots"], "seed": 1,
+            "epochs": config["epochs"], "batch_size": BATCH, "device": "cpu", "num_workers": 0,
+            "precision": config["precision"], "output_dir": str(Path(tmp) / "run"), "attack": {**ATTACK}})
+        run_dir = train(train_config, progress=False)
+        import yaml
+        used = yaml.safe_load((run_dir / "config.yaml").read_text())["precision"]
+        epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"epochs": epochs, "precision_used": used, "torch_threads": torch.get_num_threads()}
+
+
+def worker_pretrain(config: dict) -> dict:
+    from capt.pretrain import PretrainConfig, pretrain
+    with tempfile.TemporaryDirectory(prefix="capt-bench-pretrain-") as tmp:
+        pretrain(PretrainConfig(steps=config["steps"], checkpoint_every=config["every"], precision=config["precision"]),
+                 tmp, progress=False)
+        lines = [json.loads(line) for line in (Path(tmp) / "pretrain_metrics.jsonl").read_text().splitlines()]
+        used = json.loads((Path(tmp) / "pretrain_config.json").read_text())["precision_used"]
+    return {"log": lines, "precision_used": used}
+
+
+WORKERS = {"train": worker_train, "pretrain": worker_pretrain}
+
+
+def run(quick: bool) -> dict:
+    shots, epochs = (1, 2) if quick else (2, 3)
+    steps, every = (6, 3) if quick else (30, 10)
+    rows, step_s = [], {}
+    for precision in PRECISIONS:
+        result = run_worker("precision", "train", {"precision": precision, "shots": shots, "epochs": epochs})
+        measured = result["epochs"][1:]  # epoch 1: warm-up and the frozen features
+        seconds = sum(e["seconds"] for e in measured)
+        n_steps = sum(math.ceil(e["images"] / BATCH) for e in measured)
+        step_s["train", precision] = seconds / n_steps
+        rows.append({"step": "CAPT training (batch 32, PGD-3 at 4/255)", "precision": precision,
+                     "ran as": result["precision_used"], "step s": round(seconds / n_steps, 3),
+                     "steps timed": n_steps, "last loss": round(result["epochs"][-1]["loss"], 4),
+                     "last adv acc": round(result["epochs"][-1]["adv_acc"], 3)})
+    for precision in PRECISIONS:
+        result = run_worker("precision", "pretrain", {"precision": precision, "steps": steps, "every": every})
+        log = result["log"]
+        seconds = log[-1]["seconds"] - log[0]["seconds"]  # the first `every` steps are warm-up
+        n_steps = log[-1]["step"] - log[0]["step"]
+        step_s["pretrain", precision] = seconds / n_steps
+        rows.append({"step": "pretraining (batch 128, capt-toy-vit)", "precision": precision,
+                     "ran as": result["precision_used"], "step s": round(seconds / n_steps, 3),
+                     "steps timed": n_steps, "last loss": round(log[-1]["loss"], 4)})
+    summary = {"training step fp32 / auto (speed-up of auto)": ratio(step_s["train", "fp32"], step_s["train", "auto"]),
+               "pretraining step fp32 / auto (speed-up of auto)": ratio(step_s["pretrain", "fp32"],
+                                                                        step_s["pretrain", "auto"]),
+               "auto ran as": rows[1]["ran as"]}
+    notes = [f"training: capt-toy-vit with the default model's weights, toyworld_pairs, {shots} shot(s) per class, "
+             f"{epochs} epochs, the first left out (warm-up, frozen features); the training PGD runs inside the "
+             "autocast region (evaluation attacks never do)",
+             f"pretraining: PretrainConfig defaults (batch 128, data rendered by 1 worker process) for {steps} steps, "
+             f"timed between the step-{every} and step-{steps} log lines",
+             "the losses are a sanity check that both precisions train, not a comparison of results"]
+    return report("precision", "--precision: training and pretraining steps, fp32 vs auto (CPU)",
+                  ["step", "precision", "ran as", "step s", "steps timed", "last loss", "last adv acc"], rows, summary, notes)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main("precision", run, WORKERS))

@@ -1,0 +1,329 @@
+"""The machine this runs on, in one place: CPU vendor and model, the ISA features that decide which
+numeric paths are fast (AVX2, AVX-512, AVX512_BF16, AMX, VNNI), PyTorch's CPU capability, cores,
+CUDA devices and ONNX Runtime's providers, and what that implies for precision
+(:func:`recommended_precision`, :func:`resolve_precision`).
+
+Everything that decides takes a :class:`Hardware` as a parameter, so that the choices can be tested
+with faked machines (``Hardware.from_flags({"avx2"})``); :func:`detect` describes the real one
+(Linux: ``/proc/cpuinfo``; elsewhere the flags are unknown and every choice falls back to fp32 on CPU).
+
+Why bf16 on a CPU only with AMX-BF16: PyTorch's bf16 autocast measured 4.8x fp32 on ViT-B-32 on an Intel
+Xeon with AMX, but slower than fp32 wherever there is none: 0.15x on an AVX2-only EPYC (bf16 emulated
+through fp32), and on AMD Zen 5 with AVX512_BF16 but no AMX 0.56x for a CAPT training step, 0.36x for a
+pretraining step and 0.30x / 0.43x for inference of the default model / ViT-B-32 at batch 32
+(benchmarks/results/precision.* and engines.*; the README's Performance). AVX512_BF16 alone is
+"native bf16" (:attr:`Hardware.native_bf16_cpu`) but does not make PyTorch's bf16 fast.
+``python -m capt.hardware`` prints the description as JSON (``capt info`` as text).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+# What a user may ask for (``--precision``); ``cuda-bf16`` is what a legacy ``amp: true`` config did
+# (bf16 autocast on CUDA, fp32 on CPU) and is accepted from configs, not offered on the command line.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+LEGACY_AMP = "cuda-bf16"
+CONCRETE = ("fp32", "bf16", "fp16")
+
+# /proc/cpuinfo flag names of the features that matter here.
+FEATURES = {
+    "avx2": "avx2", "avx512f": "avx512f", "avx512_bf16": "avx512_bf16", "avx512_fp16": "avx512_fp16",
+    "avx512_vnni": "avx512_vnni", "avx_vnni": "avx_vnni", "amx_tile": "amx_tile", "amx_bf16": "amx_bf16",
+    "amx_int8": "amx_int8", "amx_fp16": "amx_fp16",
+}
+
+
+@dataclass(frozen=True)
+class CudaDevice:
+    index: int
+    name: str
+    capability: tuple[int, int]
+    memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A description of a machine. Build a fake one with :meth:`from_flags`."""
+    cpu_vendor: str | None = None
+    cpu_model: str | None = None
+    arch: str = "x86_64"
+    flags: frozenset = field(default_factory=frozenset)
+    flags_known: bool = True  # False where /proc/cpuinfo could not be read (not Linux)
+    torch_cpu_capability: str | None = None
+    logical_cores: int | None = None
+    usable_cores: int | None = None
+    torch_threads: int | None = None
+    cuda: tuple = ()  # CudaDevice, one per visible device
+    onnxruntime_providers: tuple = ()
+    versions: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_flags(cls, flags: Iterable[str], cuda: Iterable[CudaDevice | tuple] = (), **values) -> "Hardware":
+        """A (fake) machine with these CPU flags; ``cuda`` as devices or ``(name, (major, minor))`` pairs."""
+        devices = tuple(d if isinstance(d, CudaDevice) else CudaDevice(i, d[0], tuple(d[1]))
+                        for i, d in enumerate(cuda))
+        return cls(flags=frozenset(flags), cuda=devices, **values)
+
+    # ---- features ------------------------------------------------------------------------------
+    def has(self, feature: str) -> bool:
+        return FEATURES.get(feature, feature) in self.flags
+
+    @property
+    def avx2(self) -> bool:
+        return self.has("avx2")
+
+    @property
+    def avx512(self) -> bool:
+        return self.has("avx512f")
+
+    @property
+    def vnni(self) -> bool:
+        return self.has("avx512_vnni") or self.has("avx_vnni") or self.has("amx_int8")
+
+    @property
+    def amx(self) -> bool:
+        return self.has("amx_bf16") or self.has("amx_int8")
+
+    @property
+    def native_bf16_cpu(self) -> bool:
+        """bf16 matmuls run natively (AVX512_BF16 or AMX-BF16), not emulated through fp32 (native is not
+        fast: see :attr:`fast_bf16_cpu`)."""
+        return self.has("avx512_bf16") or self.has("amx_bf16")
+
+    @property
+    def fast_bf16_cpu(self) -> bool:
+        """PyTorch's bf16 autocast beats fp32 on this CPU: AMX-BF16 (4.8x on ViT-B-32, Xeon). AVX512_BF16
+        without AMX measured slower than fp32 (0.56x a CAPT training step, AMD Zen 5)."""
+        return self.has("amx_bf16")
+
+    def cuda_capability(self, index: int = 0) -> tuple[int, int] | None:
+        for device in self.cuda:
+            if device.index == index:
+                return tuple(device.capability)
+        return self.cuda[0].capability if self.cuda and index == 0 else None
+
+    def features(self) -> dict[str, bool]:
+        return {"avx2": self.avx2, "avx512": self.avx512, "avx512_bf16": self.has("avx512_bf16"),
+                "amx_bf16": self.has("amx_bf16"), "amx_int8": self.has("amx_int8"), "vnni": self.vnni,
+                "avx512_fp16": self.has("avx512_fp16")}
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        values["flags"] = sorted(f for f in self.flags if f in FEATURES.values())  # the ones that matter
+        values["features"] = self.features()
+        values["cuda"] = [{**asdict(d), "capability": list(d.capability)} for d in self.cuda]
+        values["onnxruntime_providers"] = list(self.onnxruntime_providers)
+        values["recommended_precision"] = {"cpu": recommended_precision("cpu", self),
+                                           **({"cuda": recommended_precision("cuda", self)} if self.cuda else {})}
+        values["why"] = {"cpu": precision_reason("cpu", self),
+                         **({"cuda": precision_reason("cuda", self)} if self.cuda else {})}
+        return values
+
+
+# ---- detection -----------------------------------------------------------------------------------
+def parse_cpuinfo(text: str) -> tuple[str | None, str | None, frozenset]:
+    """(vendor, model name, flags) of the first processor in a /proc/cpuinfo text (x86 and ARM)."""
+    vendor = model = None
+    flags: frozenset = frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "vendor_id" and vendor is None:
+            vendor = value
+        elif key == "cpu implementer" and vendor is None:
+            vendor = f"ARM implementer {value}"
+        elif key in ("model name", "processor name") and model is None and value:
+            model = value
+        elif key in ("flags", "features") and not flags:
+            flags = frozenset(value.split())
+    return vendor, model, flags
+
+
+def _cuda_devices(torch) -> tuple:
+    devices = []
+    try:
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                props = torch.cuda.get_device_properties(i)
+                devices.append(CudaDevice(i, props.name, (props.major, props.minor),
+                                          round(props.total_memory / 1024 ** 3, 1)))
+    except Exception:  # noqa: BLE001 - a broken driver is "no CUDA" here
+        return ()
+    return tuple(devices)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    found = {"python": platform.python_version()}
+    for key, dists in {"torch": ("torch",), "onnxruntime": ("onnxruntime-gpu", "onnxruntime")}.items():
+        for dist in dists:
+            with contextlib.suppress(metadata.PackageNotFoundError):
+                found[key] = metadata.version(dist)
+                break
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def detect() -> Hardware:
+    """This machine (cached: the hardware does not change while a process runs)."""
+    vendor = model = None
+    flags: frozenset = frozenset()
+    known = False
+    with contextlib.suppress(OSError):
+        vendor, model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+        known = True
+    if model is None:
+        model = platform.processor() or None
+    capability = threads = None
+    cuda: tuple = ()
+    try:
+        import torch
+        capability = torch.backends.cpu.get_cpu_capability()
+        threads = torch.get_num_threads()
+        cuda = _cuda_devices(torch)
+    except Exception:  # noqa: BLE001 - no torch: described without it
+        pass
+    providers: tuple = ()
+    with contextlib.suppress(Exception):
+        import onnxruntime
+        providers = tuple(onnxruntime.get_available_providers())
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return Hardware(cpu_vendor=vendor, cpu_model=model, arch=platform.machine(), flags=flags, flags_known=known,
+                    torch_cpu_capability=capability, logical_cores=os.cpu_count(), usable_cores=usable,
+                    torch_threads=threads, cuda=cuda, onnxruntime_providers=providers, versions=_versions())
+
+
+# ---- precision -----------------------------------------------------------------------------------
+def _device_type(device) -> str:
+    return str(device).split(":")[0] if isinstance(device, str) else getattr(device, "type", str(device))
+
+
+def _cuda_index(device) -> int:
+    index = None if isinstance(device, str) else getattr(device, "index", None)
+    if index is None and ":" in str(device):
+        index = int(str(device).split(":")[1])
+    return index or 0
+
+
+def recommended_precision(device, hardware: Hardware | None = None) -> str:
+    """The fastest numerically sound autocast precision on ``device`` ("cpu", "cuda", "cuda:1" or a
+    torch.device): bf16 on a CPU with AMX-BF16 (fp32 on every other CPU, AVX512_BF16 without AMX
+    included: measured slower than fp32 there); on a GPU bf16 from compute capability 8.0 (Ampere),
+    fp16 below; fp32 anywhere else."""
+    hardware = hardware or detect()
+    kind = _device_type(device)
+    if kind == "cuda":
+        capability = hardware.cuda_capability(_cuda_index(device))
+        if capability is None:
+            return "fp32"
+        return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+    if kind == "cpu":
+        return "bf16" if hardware.fast_bf16_cpu else "fp32"
+    return "fp32"
+
+
+def precision_reason(device, hardware: Hardware | None = None) -> str:
+    """One sentence: why :func:`recommended_precision` chose what it did."""
+    hardware = hardware or detect()
+    kind = _device_type(device)
+    chosen = recommended_precision(device, hardware)
+    if kind == "cuda":
+        capability = hardware.cuda_capability(_cuda_index(device))
+        if capability is None:
+            return "fp32: no CUDA device is visible"
+        cap = f"{capability[0]}.{capability[1]}"
+        return (f"bf16 autocast: CUDA capability {cap} >= 8.0 has native bf16" if chosen == "bf16" else
+                f"fp16 autocast: CUDA capability {cap} < 8.0 has no fast bf16 (fp16 with a gradient scaler in training)")
+    if kind == "cpu":
+        if chosen == "bf16":
+            return "bf16 autocast: the CPU has AMX-BF16 (bf16 autocast measured 4.8x fp32 on ViT-B-32, Intel Xeon with AMX)"
+        if not hardware.flags_known:
+            return "fp32: the CPU's features are unknown here (no /proc/cpuinfo), so AMX-BF16 is not assumed"
+        if hardware.has("avx512_bf16"):
+            return ("fp32: AVX512_BF16 without AMX measured slower than fp32 (0.56x CAPT training step, "
+                    "0.30x default-model inference, on AMD Zen 5)")
+        return "fp32: the CPU has no native bf16 (no AVX512_BF16 or AMX-BF16): bf16 would be emulated, and slower (0.15x)"
+    return f"fp32: no reduced-precision path is known for device type '{kind}'"
+
+
+def check_precision(value: str, allow_legacy: bool = False) -> str:
+    allowed = PRECISIONS + ((LEGACY_AMP,) if allow_legacy else ())
+    if value not in allowed:
+        raise ValueError(f"precision must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def resolve_precision(requested: str, device, hardware: Hardware | None = None) -> str:
+    """``requested`` (auto, fp32, bf16, fp16 or the legacy cuda-bf16) as a concrete precision on ``device``."""
+    check_precision(requested, allow_legacy=True)
+    if requested == "auto":
+        return recommended_precision(device, hardware)
+    if requested == LEGACY_AMP:
+        return "bf16" if _device_type(device) == "cuda" else "fp32"
+    return requested
+
+
+def autocast_factory(precision: str, device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A zero-argument factory of the autocast context for a concrete ``precision`` on ``device``
+    (a null context for fp32)."""
+    import torch
+    check_precision(precision)
+    if precision not in CONCRETE:
+        raise ValueError(f"resolve {precision!r} first (resolve_precision)")
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    kind = _device_type(device)
+    return lambda: torch.autocast(kind, dtype=dtype)
+
+
+# ---- text ----------------------------------------------------------------------------------------
+def describe(hardware: Hardware | None = None) -> str:
+    """The lines ``capt info`` prints."""
+    hardware = hardware or detect()
+    yes = [name for name, on in hardware.features().items() if on]
+    lines = [f"CPU: {hardware.cpu_model or 'unknown'} ({hardware.cpu_vendor or 'unknown vendor'}, {hardware.arch})",
+             f"cores: {hardware.usable_cores} usable of {hardware.logical_cores}; torch threads {hardware.torch_threads}",
+             "features: " + (", ".join(yes) if yes else "none of avx2/avx512/bf16/amx/vnni")
+             + ("" if hardware.flags_known else " (flags unknown: no /proc/cpuinfo)"),
+             f"torch CPU capability: {hardware.torch_cpu_capability}"]
+    if hardware.cuda:
+        lines += [f"CUDA {d.index}: {d.name}, capability {d.capability[0]}.{d.capability[1]}"
+                  + (f", {d.memory_gb} GB" if d.memory_gb else "") for d in hardware.cuda]
+    else:
+        lines.append("CUDA: none visible")
+    lines.append("ONNX Runtime providers: " + (", ".join(hardware.onnxruntime_providers) or "onnxruntime not installed")
+                 + (" (as built; GPU providers need a visible CUDA device)"
+                    if not hardware.cuda and "CUDAExecutionProvider" in hardware.onnxruntime_providers else ""))
+    lines.append(f"precision auto on cpu: {precision_reason('cpu', hardware)}")
+    if hardware.cuda:
+        lines.append(f"precision auto on cuda: {precision_reason('cuda', hardware)}")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in hardware.versions.items()))
+    return "\n".join(lines)
+
+
+def _info(args) -> None:
+    hardware = detect()
+    print(json.dumps(hardware.to_dict(), indent=2) if args.json else describe(hardware))
+
+
+def register(subparsers) -> tuple[type[BaseException], ...]:
+    """``capt info`` (the ``capt.commands`` entry point, pyproject.toml)."""
+    p = subparsers.add_parser("info", help="this machine: CPU features, cores, CUDA, ONNX Runtime providers and "
+                                           "the precision that --precision auto picks")
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(run=_info)
+    return ()
+
+
+if __name__ == "__main__":
+    print(json.dumps(detect().to_dict(), indent=2))
+    sys.exit(0)

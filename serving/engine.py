@@ -1,0 +1,449 @@
+"""The served image encoder: which of the ways this project can run a bundle's image graph serves it.
+
+Candidates (``ENGINES``), each an :class:`ImageEngine` (``encode(pixels) -> embeddings``):
+
+- ``onnx-fp32``: the bundle's graph in ONNX Runtime on the CPU, fp32. The reference: what the
+  export's parity was measured on.
+- ``onnx-int8``: the same graph with its MatMul weights quantised to int8 (ONNX Runtime dynamic
+  quantisation, activations quantised at run time; as ``benchmarks/quantize.py``), made at start-up
+  and cached by the graph's sha256 under ``CAPT_ENGINE_CACHE`` (default ``~/.cache/capt/engines``).
+- ``torch-bf16``: the bundle's PyTorch twin under bf16 autocast; offered on CPUs with native bf16
+  (AVX512_BF16 or AMX-BF16, :mod:`capt.hardware`).
+- ``onnx-cuda-fp32``, ``onnx-cuda-fp16`` (the graph converted to fp16 with fp32 inputs and outputs)
+  and ``tensorrt`` (ONNX Runtime's TensorRT provider, where its libraries load) on a CUDA machine.
+
+:func:`choose_engine` builds the candidates the machine can run, runs a short self-test of each on
+the bundle's sample images (the export's parity images: the toy world's for the default model,
+seeded smooth random images otherwise) and serves the fastest one that is numerically safe: top-1
+agreement with the fp32 graph of at least ``MIN_AGREEMENT`` (export's ``top1_agreement``, near ties
+aside), and *batch invariance*: the embeddings of a few sample images encoded alone must equal their
+embeddings inside larger mixed batches to ``MAX_BATCH_DIFF`` (max abs difference of the L2-normalised
+embeddings). The server's micro-batcher (``serving/batching.py``) puts concurrent requests' images in
+one encoder batch, so an engine that fails it answers a client according to other clients' requests.
+ONNX Runtime's dynamic int8 quantisation does (its activation scales are computed per batch tensor):
+measured on the default model, AMD Zen 5, 3.7e-3 to 6.3e-3 for onnx-int8 (torch-bf16: 1.9e-3), where
+onnx-fp32 differed by 0 (a GEMM's blocking may change with the batch size: ~1e-6 is fp32's level).
+A reduced-precision path must also beat the fastest fp32 path by ``MIN_GAIN``: a short timing
+is noisy, and without a clear gain the exact path is worth more. Speed is the geometric mean of
+images/s at batch 1 (a lone request) and at the sample batch (a loaded server). The self-test is
+bounded by ``budget_s`` (a few seconds; the sample batch shrinks for a slow model).
+
+``CAPT_ENGINE`` (``ENGINES`` or ``auto``) overrides the choice; an override that cannot load or fails
+the agreement test is refused with the reason (:class:`EngineError`): it was asked for explicitly,
+so serving something else would be a surprise. An override that fails only batch invariance is
+served (a user may knowingly want int8's speed), logged as a warning and reported as batch-dependent
+(``batch_invariant: false`` and ``warning`` in the report, ``/info`` → ``image_engine``).
+``onnx-fp32`` needs no self-test at all.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from capt.hardware import Hardware
+
+logger = logging.getLogger("capt.serving")
+
+REFERENCE = "onnx-fp32"
+ENGINES = ("onnx-fp32", "onnx-int8", "torch-bf16", "onnx-cuda-fp32", "onnx-cuda-fp16", "tensorrt")
+EXACT = ("onnx-fp32", "onnx-cuda-fp32")  # fp32 arithmetic, as the export's parity was measured
+MIN_AGREEMENT = 0.99
+MIN_GAIN = 1.10
+DEFAULT_BUDGET_S = 4.0
+DEFAULT_SAMPLES = 32
+MIN_SAMPLES = 8
+# Batch invariance: max |alone - in batch| of L2-normalised embeddings. fp32 ORT measured 0 on Zen 5
+# (~1e-6 where a GEMM's blocking changes with the batch), onnx-int8 3.7e-3..6.3e-3: 1e-4 separates them.
+MAX_BATCH_DIFF = 1e-4
+BATCH_PROBES = 4  # sample images encoded alone
+
+
+class EngineError(RuntimeError):
+    """An explicitly requested engine cannot serve (unknown, failed to load, or disagrees with fp32)."""
+
+
+@runtime_checkable
+class ImageEngine(Protocol):
+    name: str
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 pixels [N, 3, H, W] in [0, 1] -> float32 L2-normalised embeddings [N, D]."""
+
+
+@dataclass
+class OnnxEngine:
+    name: str
+    session: object
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
+
+    @property
+    def provider(self) -> str:
+        return self.session.get_providers()[0]
+
+
+@dataclass
+class TorchAutocastEngine:
+    """The PyTorch twin under autocast (``dtype`` "bf16" or "fp16") on ``device``."""
+    name: str
+    model: object
+    dtype: str = "bf16"
+    device: str = "cpu"
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
+        with torch.inference_mode(), torch.autocast(self.device, dtype=dtype):
+            out = self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)))
+        return out.float().cpu().numpy()
+
+
+@dataclass
+class Candidate:
+    name: str
+    applies: bool  # by capability
+    why: str
+    build: Callable[[], ImageEngine]
+
+
+# ---- candidates -----------------------------------------------------------------------------------
+def cache_dir() -> Path:
+    """Where derived graphs (int8, fp16) are kept between starts, keyed by the source graph's sha256."""
+    path = Path(os.environ.get("CAPT_ENGINE_CACHE") or Path.home() / ".cache" / "capt" / "engines")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+        return path
+    except OSError:
+        fallback = Path(tempfile.gettempdir()) / "capt-engines"
+        fallback.mkdir(parents=True, exist_ok=True)
+        return fallback
+
+
+def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Path:
+    from export.bundle import IMAGE_ONNX
+    source = bundle.path / IMAGE_ONNX
+    digest = bundle.manifest["files"][IMAGE_ONNX][:16]
+    target = cache_dir() / f"image_encoder-{digest}-{kind}.onnx"
+    if not target.is_file():
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        try:
+            make(source, partial)
+            os.replace(partial, target)  # atomic: a concurrent start sees a whole file or none
+        finally:
+            partial.unlink(missing_ok=True)
+    return target
+
+
+def quantised_int8(bundle) -> Path:
+    def make(source: Path, target: Path) -> None:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # its "consider pre-processing" advice, once per graph, is not ours to act on
+        try:
+            quantize_dynamic(source, target, op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+    return _derived_graph(bundle, "int8", make)
+
+
+def converted_fp16(bundle) -> Path:
+    def make(source: Path, target: Path) -> None:
+        import onnx
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+        onnx.save(convert_float_to_float16(onnx.load(str(source)), keep_io_types=True), str(target))
+    return _derived_graph(bundle, "fp16", make)
+
+
+def _session(path: Path, provider: str):
+    from export.bundle import onnx_session
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    session = onnx_session(path, providers)
+    if session.get_providers()[0] != provider:
+        raise EngineError(f"ONNX Runtime fell back to {session.get_providers()[0]} instead of {provider}")
+    return session
+
+
+def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = None) -> list[Candidate]:
+    """Every engine of ``ENGINES`` with whether this machine's capabilities make it worth trying."""
+    from export.bundle import IMAGE_ONNX, cuda_unavailable_reason
+    graph = bundle.path / IMAGE_ONNX
+    allowed = set(providers) if providers else None
+    cpu_session = (bundle.image_session if bundle.image_session.get_providers()[0] == "CPUExecutionProvider"
+                   else None)
+    x86 = hardware.arch.lower() in ("x86_64", "amd64", "i686", "x86")
+    int8_ok = (x86 and hardware.avx2) or hardware.arch.lower() in ("aarch64", "arm64")
+    cuda_reason = None
+    try:
+        cuda_reason = cuda_unavailable_reason()
+    except Exception as err:  # noqa: BLE001
+        cuda_reason = f"{type(err).__name__}: {err}"
+    if cuda_reason is None and not hardware.cuda:
+        cuda_reason = "no CUDA device in the hardware description"
+    if cuda_reason is None and allowed is not None and "CUDAExecutionProvider" not in allowed:
+        cuda_reason = "the caller restricted the providers to " + ", ".join(providers)
+    trt_reason = cuda_reason or (None if "TensorrtExecutionProvider" in hardware.onnxruntime_providers
+                                 else "this onnxruntime build has no TensorRT provider")
+    return [
+        Candidate("onnx-fp32", True, "the exported graph, as its parity was measured",
+                  lambda: OnnxEngine("onnx-fp32", cpu_session or _session(graph, "CPUExecutionProvider"))),
+        Candidate("onnx-int8", int8_ok,
+                  ("int8 MatMuls" + (" with VNNI" if hardware.vnni else " (no VNNI: u8s8 dot products in AVX2)"))
+                  if int8_ok else f"no fast int8 kernels known for {hardware.arch} without AVX2",
+                  lambda: OnnxEngine("onnx-int8", _session(quantised_int8(bundle), "CPUExecutionProvider"))),
+        Candidate("torch-bf16", hardware.native_bf16_cpu,
+                  "native bf16 on this CPU" if hardware.native_bf16_cpu else
+                  "no native bf16 (AVX512_BF16 or AMX-BF16): PyTorch would emulate it, slower than fp32",
+                  lambda: TorchAutocastEngine("torch-bf16", bundle.twin, "bf16", "cpu")),
+        Candidate("onnx-cuda-fp32", cuda_reason is None, cuda_reason or "CUDA provider and device",
+                  lambda: OnnxEngine("onnx-cuda-fp32", _session(graph, "CUDAExecutionProvider"))),
+        Candidate("onnx-cuda-fp16", cuda_reason is None, cuda_reason or "CUDA provider and device (graph converted to fp16)",
+                  lambda: OnnxEngine("onnx-cuda-fp16", _session(converted_fp16(bundle), "CUDAExecutionProvider"))),
+        Candidate("tensorrt", trt_reason is None, trt_reason or "TensorRT provider listed",
+                  lambda: OnnxEngine("tensorrt", _session(graph, "TensorrtExecutionProvider"))),
+    ]
+
+
+# ---- self-test ------------------------------------------------------------------------------------
+def sample_set(bundle, count: int = DEFAULT_SAMPLES) -> tuple[np.ndarray, np.ndarray, str]:
+    """(pixels [N, 3, S, S], class embeddings of the manifest's labels, what the images are): the
+    export's parity images where they can be remade here (a procedural data set such as the toy
+    world's), else seeded smooth random images, as the export uses without sample data."""
+    import torch
+    manifest, twin = bundle.manifest, bundle.twin
+    size = manifest["inputs"]["image"]["shape"][-1]
+    sample = str(manifest.get("parity", {}).get("sample", "synthetic"))
+    pixels, name = None, "synthetic (seeded smooth random images)"
+    if sample.startswith("toyworld_"):
+        try:
+            from capt.data import load_dataset
+            from capt.images import pixel_transform
+            dataset_name, _, split = sample.partition(":")
+            data = load_dataset(f"{dataset_name}::{split or 'test'}", pixel_transform(twin.preprocess_cfg))
+            order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0))[:count]
+            pixels, name = torch.stack([data.dataset[i][0] for i in order.tolist()]).numpy(), sample
+        except Exception as err:  # noqa: BLE001 - fall back to synthetic images, and say so
+            logger.info("engine self-test: could not remake the sample images %s (%s)", sample, err)
+    if pixels is None:
+        generator = torch.Generator().manual_seed(0)
+        coarse = torch.rand(count, 3, 4, 4, generator=generator)
+        pixels = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 1).numpy()
+    tokens = twin.tokenize(list(manifest["labels"]))
+    text = bundle.text_session.run(None, {"tokens": tokens.numpy()})[0]
+    return np.ascontiguousarray(pixels, dtype=np.float32), text, name
+
+
+def _best_time(fn: Callable[[], object], budget_s: float, minimum: int = 1, maximum: int = 10) -> float:
+    """Fastest of repeated calls of ``fn`` (after the caller's warm-up), at least ``minimum``, within ``budget_s``."""
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < maximum and (len(times) < minimum or time.perf_counter() - started < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _normalised(embeddings: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(embeddings, dtype=np.float64)
+    return embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+
+
+def batch_dependence(engine: ImageEngine, samples: np.ndarray, in_sample_batch: np.ndarray,
+                     probes: int = BATCH_PROBES) -> float:
+    """Max abs difference between the L2-normalised embeddings of the first ``probes`` samples encoded
+    alone and the same images inside two larger batches: the sample batch (``in_sample_batch``, its
+    embeddings, already computed) and a mixed one, the images last after the other samples' negatives
+    (other neighbours, other positions, other pixel statistics). 0 for a batch-invariant engine."""
+    probes = max(1, min(probes, len(samples) - 1))
+    alone = np.concatenate([np.asarray(engine.encode(samples[i:i + 1]), dtype=np.float32) for i in range(probes)])
+    mixed = np.ascontiguousarray(np.concatenate([1.0 - samples[probes:], samples[probes - 1::-1]]), dtype=np.float32)
+    in_mixed = np.asarray(engine.encode(mixed), dtype=np.float32)[-probes:][::-1]
+    alone = _normalised(alone)
+    return float(max(np.abs(alone - _normalised(in_sample_batch[:probes])).max(),
+                     np.abs(alone - _normalised(in_mixed)).max()))
+
+
+def batch_verdict(difference: float) -> str:
+    return f"answers depend on batch composition: max |alone - in batch| = {difference:.2g} > {MAX_BATCH_DIFF:g}"
+
+
+def self_test(engine: ImageEngine, samples: np.ndarray, text: np.ndarray, reference: np.ndarray | None,
+              budget_s: float) -> tuple[dict, np.ndarray]:
+    """Agreement of ``engine`` with the ``reference`` embeddings (None: it is the reference) on
+    ``samples``, its batch invariance (:func:`batch_dependence`), and its speed at batch 1 and at the
+    sample batch, within about ``budget_s``."""
+    from export.onnx_export import top1_agreement
+    embeddings = np.asarray(engine.encode(samples), dtype=np.float32)  # also the warm-up of the big batch
+    if not np.isfinite(embeddings).all():
+        raise EngineError("non-finite embeddings")
+    one = samples[:1]
+    engine.encode(one)  # warm-up of batch 1
+    b1 = _best_time(lambda: engine.encode(one), budget_s / 3, minimum=2)
+    bn = _best_time(lambda: engine.encode(samples), budget_s * 2 / 3, minimum=1)
+    result = {"img_s_b1": round(1 / b1, 1), "img_s_batch": round(len(samples) / bn, 1), "batch": len(samples)}
+    result["speed"] = round(math.sqrt(result["img_s_b1"] * result["img_s_batch"]), 1)
+    difference = batch_dependence(engine, samples, embeddings)
+    result.update({"batch_max_abs_diff": float(f"{difference:.3g}"), "batch_invariant": difference <= MAX_BATCH_DIFF})
+    if reference is not None:
+        agreement = top1_agreement(reference @ text.T, embeddings @ text.T)
+        cosine = float(np.min(np.sum(embeddings * reference, -1)
+                              / (np.linalg.norm(embeddings, axis=-1) * np.linalg.norm(reference, axis=-1))))
+        result.update({"top1_agreement": round(agreement["top1_agreement"], 4),
+                       "top1_near_ties": agreement["top1_near_ties"],
+                       "embedding_max_abs_diff": round(float(np.abs(embeddings - reference).max()), 5),
+                       "min_cosine": round(cosine, 5)})
+    else:
+        result.update({"top1_agreement": 1.0, "top1_near_ties": 0, "embedding_max_abs_diff": 0.0, "min_cosine": 1.0})
+    return result, embeddings
+
+
+@dataclass
+class EngineChoice:
+    engine: ImageEngine
+    report: dict = field(default_factory=dict)
+
+
+def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", providers: Sequence[str] | None = None,
+                  budget_s: float = DEFAULT_BUDGET_S, sample_count: int = DEFAULT_SAMPLES,
+                  extra: Sequence[Candidate] = ()) -> tuple[ImageEngine, dict]:
+    """The engine to serve ``bundle`` with and a report of every candidate (applies, why, loaded,
+    images/s, agreement, verdict). ``override``: one of ``ENGINES`` (refused with :class:`EngineError`
+    if it cannot load or disagrees with fp32) or "auto"/None. ``extra``: more candidates (tests)."""
+    started = time.perf_counter()
+    override = (override or "auto").strip()
+    pool = {c.name: c for c in [*candidates(bundle, hardware, providers), *extra]}
+    if override != "auto" and override not in pool:
+        raise EngineError(f"CAPT_ENGINE={override!r} is not an engine; choose auto or one of {', '.join(pool)}")
+    precision = bundle.manifest.get("precision", "fp32")
+    reference_candidate = pool[REFERENCE]
+    if precision != "fp32":
+        # An fp16 bundle's graph is already the reduced one: served as exported, on its own session.
+        engine = OnnxEngine(f"bundle-{precision}", bundle.image_session)
+        if override not in ("auto", REFERENCE):
+            raise EngineError(f"CAPT_ENGINE={override}: engines are chosen for fp32 bundles; this bundle is {precision}")
+        return engine, {"engine": engine.name, "override": override, "self_test": False,
+                        "reason": f"a {precision} bundle is served as exported ({engine.provider})", "batch_invariant": None,
+                        "candidates": [], "seconds": round(time.perf_counter() - started, 3)}
+    if override == REFERENCE:
+        engine = reference_candidate.build()
+        return engine, {"engine": REFERENCE, "override": override, "self_test": False,
+                        "reason": "CAPT_ENGINE=onnx-fp32: the exported graph, no self-test needed", "batch_invariant": None,
+                        "candidates": [{"name": REFERENCE, "applies": True, "why": reference_candidate.why,
+                                        "loaded": True, "verdict": "chosen (override)"}],
+                        "seconds": round(time.perf_counter() - started, 3)}
+    tried = [pool[override]] if override != "auto" else [c for c in pool.values() if c.applies and c.name != REFERENCE]
+    rows = [{"name": c.name, "applies": c.applies, "why": c.why} for c in pool.values()
+            if c.name != REFERENCE and c.name not in {t.name for t in tried}]
+    for row in rows:
+        row["verdict"] = "not tried: " + row["why"]
+    if override == "auto" and not tried:
+        engine = reference_candidate.build()
+        return engine, {"engine": REFERENCE, "override": override, "self_test": False,
+                        "reason": "the only path this machine offers (no other candidate applies)", "batch_invariant": None,
+                        "candidates": [{"name": REFERENCE, "applies": True, "why": reference_candidate.why,
+                                        "loaded": True, "verdict": "chosen (only candidate)"}, *rows],
+                        "seconds": round(time.perf_counter() - started, 3)}
+
+    reference_engine = reference_candidate.build()
+    # The sample batch is sized so that every candidate's test fits the budget: the reference's time per
+    # image (batch 2, after a warm-up) sets it, between MIN_SAMPLES and sample_count images.
+    all_samples, text, sample_name = sample_set(bundle, sample_count)
+    reference_engine.encode(all_samples[:2])
+    per_image = _best_time(lambda: reference_engine.encode(all_samples[:2]), 0.0, minimum=3) / 2
+    per_candidate = budget_s / (len(tried) + 1)
+    count = int(min(sample_count, max(MIN_SAMPLES, per_candidate / 4 / max(per_image, 1e-6))))
+    samples = all_samples[:count]
+    measured: dict[str, dict] = {}
+    engines: dict[str, ImageEngine] = {}
+    ref_result, reference = self_test(reference_engine, samples, text, None, per_candidate)
+    measured[REFERENCE] = {"name": REFERENCE, "applies": True, "why": reference_candidate.why, "loaded": True,
+                           **ref_result}
+    engines[REFERENCE] = reference_engine
+    for candidate in tried:
+        row = {"name": candidate.name, "applies": candidate.applies, "why": candidate.why}
+        load_started = time.perf_counter()
+        try:
+            engine = candidate.build()
+            row["load_seconds"] = round(time.perf_counter() - load_started, 3)
+            result, _ = self_test(engine, samples, text, reference, per_candidate)
+            row.update(loaded=True, **result)
+            engines[candidate.name] = engine
+        except Exception as err:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal (auto)
+            row.update(loaded=False, error=f"{type(err).__name__}: {err}"[:300])
+        measured[candidate.name] = row
+
+    def agrees(row: dict) -> bool:
+        return row.get("loaded", False) and row.get("top1_agreement", 0.0) >= MIN_AGREEMENT
+
+    def safe(row: dict) -> bool:
+        # The reference is what the others are judged against: served whatever its own measurement says.
+        return agrees(row) and (row["batch_invariant"] or row["name"] == REFERENCE)
+
+    for row in measured.values():
+        if not row.get("loaded"):
+            row["verdict"] = f"rejected: failed to load ({row['error']})"
+        elif not agrees(row):
+            row["verdict"] = (f"rejected: top-1 agreement with fp32 {row['top1_agreement']:.2%} < "
+                              f"{MIN_AGREEMENT:.0%}")
+        elif not safe(row):
+            row["verdict"] = "rejected: " + batch_verdict(row["batch_max_abs_diff"])
+    if not measured[REFERENCE]["batch_invariant"]:
+        logger.warning("engine self-test: the reference %s itself %s", REFERENCE,
+                       batch_verdict(measured[REFERENCE]["batch_max_abs_diff"]))
+    warning = None
+    if override != "auto":
+        row = measured[override]
+        if not agrees(row):
+            raise EngineError(f"CAPT_ENGINE={override} cannot serve this bundle: {row['verdict'].removeprefix('rejected: ')}"
+                              "; unset CAPT_ENGINE (or set auto) to let the server choose")
+        chosen, reason = override, (f"CAPT_ENGINE={override}: passed the self-test (top-1 agreement "
+                                    f"{row['top1_agreement']:.2%}, {row['speed']:g} img/s vs fp32 "
+                                    f"{measured[REFERENCE]['speed']:g})")
+        row["verdict"] = "chosen (override)"
+        measured[REFERENCE].setdefault("verdict", "the reference the override was tested against")
+        if not row["batch_invariant"]:
+            warning = (f"CAPT_ENGINE={override} is batch-dependent: its {batch_verdict(row['batch_max_abs_diff'])}, "
+                       "so a client's answers change with other requests sharing its micro-batch; served because "
+                       "it was asked for explicitly (unset CAPT_ENGINE to let the server choose a batch-invariant one)")
+            reason = (f"CAPT_ENGINE={override}: passed the agreement test (top-1 agreement {row['top1_agreement']:.2%}, "
+                      f"{row['speed']:g} img/s vs fp32 {measured[REFERENCE]['speed']:g}) but is batch-dependent")
+            row["verdict"] = "chosen (override), batch-dependent: " + batch_verdict(row["batch_max_abs_diff"])
+            logger.warning("image encoder: %s", warning)
+    else:
+        passing = [r for r in measured.values() if safe(r)]
+        exact = [r for r in passing if r["name"] in EXACT]
+        best_exact = max(exact, key=lambda r: r["speed"])
+        best = max(passing, key=lambda r: r["speed"])
+        if best["name"] in EXACT or best["speed"] < MIN_GAIN * best_exact["speed"]:
+            if best["name"] not in EXACT:
+                best["verdict"] = (f"safe, but {best['speed'] / best_exact['speed']:.2f}x the fp32 path: under the "
+                                   f"{MIN_GAIN:.2f}x a reduced-precision path must gain")
+            best = best_exact
+        chosen = best["name"]
+        ratio = best["speed"] / measured[REFERENCE]["speed"]
+        reason = (f"fastest safe path measured: {best['speed']:g} img/s (geometric mean of batch 1 and "
+                  f"{best['batch']}), {ratio:.2f}x onnx-fp32, top-1 agreement {best['top1_agreement']:.2%}"
+                  if chosen != REFERENCE else
+                  f"onnx-fp32: no reduced-precision path was safe and at least {MIN_GAIN:.2f}x faster")
+        for row in passing:
+            row.setdefault("verdict", f"safe, slower ({row['speed']:g} img/s)")
+        measured[chosen]["verdict"] = "chosen"
+    report = {"engine": chosen, "override": override, "self_test": True, "reason": reason,
+              "batch_invariant": bool(measured[chosen]["batch_invariant"]), "warning": warning,
+              "min_agreement": MIN_AGREEMENT, "min_gain": MIN_GAIN, "max_batch_diff": MAX_BATCH_DIFF,
+              "samples": {"images": count, "source": sample_name},
+              "candidates": [*measured.values(), *rows], "seconds": round(time.perf_counter() - started, 3)}
+    return engines[chosen], report

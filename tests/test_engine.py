@@ -1,0 +1,211 @@
+"""serving/engine.py: which path serves the image encoder, by capability and a self-test; CAPT_ENGINE."""
+import numpy as np
+import pytest
+import torch
+
+from capt.hardware import Hardware, detect
+from export.bundle import load_bundle
+from serving.engine import (ENGINES, MAX_BATCH_DIFF, Candidate, EngineError, ImageEngine, OnnxEngine, candidates,
+                            choose_engine)
+from serving.model import Limits, ServingModel
+
+BARE = Hardware.from_flags(set())  # an x86 CPU without AVX2: only the exported fp32 graph applies
+AVX2 = Hardware.from_flags({"avx2"})
+ZEN5 = Hardware.from_flags({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
+
+
+@pytest.fixture(scope="module")
+def bundle(default_bundle):
+    return load_bundle(default_bundle, ["CPUExecutionProvider"], check=False)
+
+
+class _Wrapped:
+    """An engine computing the exported graph's embeddings through ``change``."""
+
+    def __init__(self, name, session, change):
+        self.name, self.session, self.change = name, session, change
+
+    def encode(self, pixels):
+        return self.change(self.session.run(None, {"pixels": pixels.astype(np.float32)})[0])
+
+
+def _extra(bundle, name, change):
+    return Candidate(name, True, "a test engine", lambda: _Wrapped(name, bundle.image_session, change))
+
+
+def _row(report, name):
+    return next(row for row in report["candidates"] if row["name"] == name)
+
+
+def test_candidates_follow_the_capabilities(bundle):
+    applies = {c.name: c.applies for c in candidates(bundle, ZEN5)}
+    assert list(applies) == list(ENGINES)
+    assert applies["onnx-fp32"] and applies["onnx-int8"] and applies["torch-bf16"]
+    assert not candidates(bundle, AVX2)[2].applies  # torch-bf16 without native bf16
+    if not torch.cuda.is_available():
+        assert not any(applies[name] for name in ("onnx-cuda-fp32", "onnx-cuda-fp16", "tensorrt"))
+    bare = {c.name: c.applies for c in candidates(bundle, BARE)}
+    assert [name for name, on in bare.items() if on] == ["onnx-fp32"] or torch.cuda.is_available()
+
+
+def test_only_one_candidate_needs_no_self_test(bundle):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA paths apply here")
+    engine, report = choose_engine(bundle, BARE, "auto")
+    assert engine.name == "onnx-fp32" and report["self_test"] is False and isinstance(engine, ImageEngine)
+    assert "only" in report["reason"]
+
+
+def test_an_engine_that_disagrees_with_fp32_is_rejected(bundle):
+    flipped = _extra(bundle, "flipped", lambda e: -e)  # every argmax becomes the argmin
+    engine, report = choose_engine(bundle, BARE, "auto", extra=[flipped])
+    assert engine.name == "onnx-fp32"
+    row = _row(report, "flipped")
+    assert row["verdict"].startswith("rejected: top-1 agreement") and row["top1_agreement"] < 0.99
+    assert report["samples"]["images"] >= 8 and report["self_test"] is True
+
+
+def test_a_candidate_that_fails_to_load_is_reported(bundle):
+    def broken():
+        raise OSError("no such library")
+    engine, report = choose_engine(bundle, BARE, "auto", extra=[Candidate("broken", True, "test", broken)])
+    assert engine.name == "onnx-fp32"
+    assert "failed to load" in _row(report, "broken")["verdict"] and "no such library" in _row(report, "broken")["error"]
+
+
+def test_every_candidate_is_measured_and_the_choice_is_a_safe_one(bundle):
+    engine, report = choose_engine(bundle, ZEN5, "auto")
+    tried = [row for row in report["candidates"] if row.get("loaded") is not None]
+    assert {row["name"] for row in tried} >= {"onnx-fp32", "onnx-int8", "torch-bf16"}
+    for row in tried:
+        assert row["img_s_b1"] > 0 and row["img_s_batch"] > 0 and "verdict" in row
+    chosen = _row(report, engine.name)
+    assert chosen["verdict"] == "chosen" and chosen["top1_agreement"] >= 0.99
+    assert chosen["batch_invariant"] is True and report["batch_invariant"] is True
+    int8 = _row(report, "onnx-int8")  # dynamic quantisation: activation scales per batch tensor
+    if int8.get("loaded") and int8["top1_agreement"] >= 0.99:
+        assert int8["batch_invariant"] is False and "depend on batch composition" in int8["verdict"]
+    assert engine.name == report["engine"] and report["reason"]
+
+
+def _batch_dependent(bundle, name="mixer"):
+    """Subtracts a fraction of its batch's mean embedding and renormalises: alone, an image's embedding
+    is its own; in a batch it leans away from its neighbours (what per-batch activation scales do)."""
+    def change(e):
+        shifted = e - 0.05 * e.mean(0, keepdims=True)
+        return shifted / np.linalg.norm(shifted, axis=-1, keepdims=True)
+    return _extra(bundle, name, change)
+
+
+def test_an_engine_whose_answers_depend_on_the_batch_is_rejected(bundle):
+    engine, report = choose_engine(bundle, BARE, "auto", extra=[_batch_dependent(bundle)])
+    assert engine.name == "onnx-fp32" and report["batch_invariant"] is True
+    row = _row(report, "mixer")
+    assert row["top1_agreement"] >= 0.99  # it agrees with fp32: only the batch makes it unsafe
+    assert row["batch_invariant"] is False and row["batch_max_abs_diff"] > 10 * MAX_BATCH_DIFF
+    assert row["verdict"].startswith("rejected: answers depend on batch composition: max |alone - in batch| = ")
+
+
+def test_an_exact_engine_passes_the_batch_invariance_test(bundle):
+    engine, report = choose_engine(bundle, BARE, "auto", extra=[_extra(bundle, "same", lambda e: e.copy())])
+    for name in ("same", "onnx-fp32"):
+        row = _row(report, name)
+        assert row["batch_invariant"] is True and row["batch_max_abs_diff"] <= MAX_BATCH_DIFF
+        assert not row["verdict"].startswith("rejected")
+    assert engine.name in ("same", "onnx-fp32") and report["max_batch_diff"] == MAX_BATCH_DIFF
+
+
+def test_an_explicit_batch_dependent_engine_is_served_and_flagged(bundle, caplog):
+    with caplog.at_level("WARNING", logger="capt.serving"):
+        engine, report = choose_engine(bundle, BARE, "mixer", extra=[_batch_dependent(bundle)])
+    assert engine.name == "mixer" and report["batch_invariant"] is False
+    assert "batch-dependent" in report["warning"] and "batch-dependent" in report["reason"]
+    assert _row(report, "mixer")["verdict"].startswith("chosen (override), batch-dependent: answers depend on batch")
+    assert any("batch-dependent" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_an_explicit_engine_is_honoured_and_a_bad_one_refused(bundle):
+    same = _extra(bundle, "same", lambda e: e.copy())
+    engine, report = choose_engine(bundle, BARE, "same", extra=[same])
+    assert engine.name == "same" and _row(report, "same")["verdict"] == "chosen (override)"
+    with pytest.raises(EngineError, match="top-1 agreement"):
+        choose_engine(bundle, BARE, "flipped", extra=[_extra(bundle, "flipped", lambda e: -e)])
+    with pytest.raises(EngineError, match="not an engine"):
+        choose_engine(bundle, BARE, "fastest")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA loads here")
+def test_a_gpu_engine_on_a_machine_without_one_is_refused(bundle):
+    with pytest.raises(EngineError, match="cannot serve"):
+        choose_engine(bundle, detect(), "onnx-cuda-fp32")
+
+
+def test_capt_engine_is_read_by_the_serving_model(default_bundle, monkeypatch):
+    monkeypatch.setenv("CAPT_ENGINE", "onnx-fp32")
+    model = ServingModel(default_bundle, Limits(), ["CPUExecutionProvider"], check_twin=False)
+    assert model.engine.name == "onnx-fp32" and model.engine_report["self_test"] is False
+    monkeypatch.setenv("CAPT_ENGINE", "no-such-engine")
+    with pytest.raises(EngineError, match="CAPT_ENGINE='no-such-engine'"):
+        ServingModel(default_bundle, Limits(), ["CPUExecutionProvider"], check_twin=False)
+    monkeypatch.setenv("CAPT_ENGINE", "torch-bf16")  # an explicit engine runs even where auto would not offer it
+    model = ServingModel(default_bundle, Limits(), check_twin=False)
+    assert model.engine_report["override"] == "torch-bf16"
+
+
+def test_info_says_which_path_serves_and_why(default_bundle, monkeypatch):
+    monkeypatch.delenv("CAPT_ENGINE", raising=False)
+    model = ServingModel(default_bundle, Limits(), ["CPUExecutionProvider"], check_twin=False)
+    info = model.info()
+    assert info["image_engine"]["serving"] == model.engine.name == info["image_engine"]["engine"]
+    assert info["image_engine"]["reason"] and info["image_engine"]["candidates"]
+    assert info["image_engine"]["batch_invariant"] in (True, None) and not info["image_engine"].get("warning")
+    assert {row["name"] for row in info["image_engine"]["candidates"]} == set(ENGINES)
+    assert info["hardware"]["features"] == detect().to_dict()["features"]
+    assert info["probe_precision"]["used"] in ("fp32", "bf16") and info["onnx_provider"] == "CPUExecutionProvider"
+
+
+def test_classify_runs_on_the_chosen_engine(default_bundle):
+    model = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    calls = []
+
+    class Spy:
+        name = "spy"
+
+        def encode(self, pixels):
+            calls.append(len(pixels))
+            return model.encode_images_exported(pixels)
+    model.engine = Spy()
+    from PIL import Image
+    answer = model.classify([Image.new("RGB", (64, 64), (200, 30, 30))], ["red", "green"], top_k=1)
+    assert calls == [1] and answer[0][0]["label"] in ("red", "green")
+
+
+def test_the_probe_attacks_under_autocast_and_judges_in_fp32(default_bundle):
+    from PIL import Image
+
+    from capt.prompts import ZeroShotClassifier
+    model = ServingModel(default_bundle, Limits(probe_precision="bf16", max_probe_seconds=3600), check_twin=False,
+                         engine="onnx-fp32")
+    image = Image.new("RGB", (64, 64), (200, 40, 40))
+    labels = ["red", "green", "blue"]
+    result = model.probe(image, labels, eps=4 / 255, steps=3, attack="pgd", return_images=True)
+    assert result["attack"]["precision"] == "bf16"
+    import base64
+    import io
+    adversarial = Image.open(io.BytesIO(base64.b64decode(result["adversarial_png"]))).convert("RGB")
+    pixels = torch.from_numpy(model.pixels([adversarial]))
+    classifier = ZeroShotClassifier(model.torch_model, torch.from_numpy(model.class_embeddings(labels)).float())
+    with torch.no_grad():
+        logits = classifier(pixels)[0]  # fp32
+    target = labels.index(result["target"])
+    others = torch.cat([logits[:target], logits[target + 1:]])
+    assert float(logits[target] - others.max()) == pytest.approx(result["margin_adversarial"], abs=1e-4)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ServingModel(default_bundle, Limits(probe_precision="int4"), check_twin=False, engine="onnx-fp32")
+
+
+def test_onnx_engine_reports_its_provider(bundle):
+    engine = OnnxEngine("onnx-fp32", bundle.image_session)
+    assert engine.provider == "CPUExecutionProvider"
+    out = engine.encode(np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float64))
+    assert out.dtype == np.float32 and out.shape[0] == 2

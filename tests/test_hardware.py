@@ -1,0 +1,116 @@
+"""capt/hardware.py: the machine's description and the precision it implies, with faked machines."""
+import json
+
+import pytest
+
+from capt import hardware
+from capt.cli import main
+from capt.hardware import CudaDevice, Hardware, precision_reason, recommended_precision, resolve_precision
+
+AVX2 = {"sse4_2", "avx", "avx2", "fma"}
+ZEN5 = AVX2 | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni"}
+SAPPHIRE = AVX2 | {"avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"}
+
+CPUINFO = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9005
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni
+processor\t: 1
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9005
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni
+"""
+
+
+def test_cpuinfo_is_parsed_into_vendor_model_and_flags():
+    vendor, model, flags = hardware.parse_cpuinfo(CPUINFO)
+    assert (vendor, model) == ("AuthenticAMD", "AMD EPYC 9005")
+    assert {"avx2", "avx512_bf16", "avx512_vnni"} <= flags
+    assert hardware.parse_cpuinfo("") == (None, None, frozenset())
+
+
+@pytest.mark.parametrize("flags, expected", [(AVX2, "fp32"), (set(), "fp32"), (ZEN5, "fp32"), (SAPPHIRE, "bf16"),
+                                             (AVX2 | {"amx_bf16"}, "bf16"), (AVX2 | {"avx512f"}, "fp32"),
+                                             (AVX2 | {"avx512f", "avx512_bf16"}, "fp32")])
+def test_cpu_precision_is_bf16_only_with_amx(flags, expected):
+    machine = Hardware.from_flags(flags)
+    assert recommended_precision("cpu", machine) == expected
+    assert resolve_precision("auto", "cpu", machine) == expected
+    assert precision_reason("cpu", machine).startswith(expected)
+
+
+def test_the_cpu_reasons_say_why():
+    zen5 = precision_reason("cpu", Hardware.from_flags(ZEN5))
+    assert zen5.startswith("fp32: AVX512_BF16 without AMX measured slower than fp32") and "Zen 5" in zen5
+    assert Hardware.from_flags(ZEN5).native_bf16_cpu and not Hardware.from_flags(ZEN5).fast_bf16_cpu
+    assert "AMX-BF16" in precision_reason("cpu", Hardware.from_flags(SAPPHIRE))
+    assert "emulated" in precision_reason("cpu", Hardware.from_flags(AVX2))
+
+
+@pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 0), "fp16"), ((7, 5), "fp16")])
+def test_cuda_precision_follows_the_compute_capability(capability, expected):
+    machine = Hardware.from_flags(AVX2, cuda=[("GPU", capability)])
+    assert recommended_precision("cuda", machine) == expected
+    assert recommended_precision("cuda:0", machine) == expected
+    assert recommended_precision("cpu", machine) == "fp32"  # the CPU of that machine has no AMX
+
+
+def test_cuda_without_a_device_and_other_devices_are_fp32():
+    assert recommended_precision("cuda", Hardware.from_flags(ZEN5)) == "fp32"
+    assert recommended_precision("mps", Hardware.from_flags(ZEN5)) == "fp32"
+
+
+def test_second_cuda_device_is_looked_up_by_index():
+    machine = Hardware.from_flags(AVX2, cuda=[CudaDevice(0, "A100", (8, 0)), CudaDevice(1, "V100", (7, 0))])
+    assert recommended_precision("cuda:1", machine) == "fp16"
+    assert recommended_precision("cuda:0", machine) == "bf16"
+
+
+def test_unknown_flags_are_not_assumed_native():
+    machine = Hardware(flags=frozenset(), flags_known=False)
+    assert recommended_precision("cpu", machine) == "fp32"
+    assert "unknown" in precision_reason("cpu", machine)
+
+
+def test_explicit_and_legacy_precisions_resolve():
+    machine = Hardware.from_flags(ZEN5, cuda=[("GPU", (8, 0))])
+    assert resolve_precision("fp32", "cpu", machine) == "fp32"
+    assert resolve_precision("fp16", "cpu", machine) == "fp16"
+    assert resolve_precision("cuda-bf16", "cpu", machine) == "fp32"  # what a legacy amp: true did on CPU
+    assert resolve_precision("cuda-bf16", "cuda", machine) == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("int4", "cpu", machine)
+
+
+def test_features_and_description_serialise():
+    machine = Hardware.from_flags(SAPPHIRE, cpu_model="Xeon", cuda=[("H200", (9, 0))],
+                                  onnxruntime_providers=("CPUExecutionProvider",))
+    described = machine.to_dict()
+    json.dumps(described)
+    assert described["features"]["amx_bf16"] and described["features"]["vnni"]
+    assert described["recommended_precision"] == {"cpu": "bf16", "cuda": "bf16"}
+    text = hardware.describe(machine)
+    assert "Xeon" in text and "H200" in text and "capability 9.0" in text
+
+
+def test_this_machine_is_described():
+    machine = hardware.detect()
+    assert machine.logical_cores and machine.torch_cpu_capability
+    assert recommended_precision("cpu", machine) in ("fp32", "bf16")
+
+
+def test_capt_info_prints_the_machine(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "CPU:" in text and "precision auto on cpu" in text
+    assert main(["info", "--json"]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["recommended_precision"]["cpu"] in ("fp32", "bf16") and "features" in described
+
+
+def test_benchmark_reports_describe_the_machine_through_capt_hardware():
+    from benchmarks.common import machine, machine_markdown
+    info = machine()
+    assert info["hardware"]["features"] == hardware.detect().to_dict()["features"]
+    assert info["precision_auto"]["cpu"] == recommended_precision("cpu")
+    assert "hardware" not in machine_markdown(info).split(":")[0]

@@ -1,0 +1,150 @@
+"""--precision auto|fp32|bf16|fp16: parsing, the legacy amp key, the resume check, and evaluation's
+attacks staying fp32 under auto."""
+import pytest
+import torch
+import yaml
+from torch.utils.data import TensorDataset
+
+from capt import PromptedCLIP
+from capt.checkpoint import LATEST_FILE
+from capt.cli import build_parser, main
+from capt.config import TrainConfig
+from capt.data import LabeledDataset
+from capt.evaluate import check_eval_precision, eval_precision, evaluate
+from capt.hardware import Hardware
+from capt.pretrain import PretrainConfig
+from capt.prompts import ZeroShotClassifier
+from capt.train import train
+
+BF16_CPU = Hardware.from_flags({"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"})  # AMX: auto is bf16
+AVX512_BF16_CPU = Hardware.from_flags({"avx2", "avx512f", "avx512_bf16"})  # Zen 4/5: native bf16, no AMX
+AVX2_CPU = Hardware.from_flags({"avx2"})
+
+
+@pytest.mark.parametrize("command", [["train", "--config", "x.yaml"], ["pretrain", "--output", "out"],
+                                     ["eval", "--data", "x"]])
+def test_every_command_takes_precision(command):
+    parser = build_parser()
+    assert parser.parse_args(command + ["--precision", "bf16"]).precision == "bf16"
+    defaults = parser.parse_args(command).precision
+    assert defaults in (None, "auto")  # None: train and pretrain keep the config's own (default auto)
+    with pytest.raises(SystemExit):
+        parser.parse_args(command + ["--precision", "int8"])
+
+
+def test_train_config_precision_and_the_legacy_amp_key():
+    assert TrainConfig.from_dict({}).precision == "auto"
+    assert TrainConfig.from_dict({"precision": "fp16"}).precision == "fp16"
+    assert TrainConfig.from_dict({"amp": True}).precision == "cuda-bf16"
+    assert TrainConfig.from_dict({"amp": False}).precision == "fp32"
+    assert not hasattr(TrainConfig.from_dict({"amp": True}), "amp")
+    with pytest.raises(ValueError, match="amp is the old name"):
+        TrainConfig.from_dict({"amp": True, "precision": "fp16"})
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TrainConfig.from_dict({"precision": "half"})
+
+
+def test_the_command_line_precision_replaces_a_legacy_amp(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"amp": True}))
+    assert TrainConfig.from_yaml(path).precision == "cuda-bf16"
+    assert TrainConfig.from_yaml(path, {"precision": "bf16"}).precision == "bf16"
+
+
+def _run_dir(tmp_path, saved: dict):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LATEST_FILE).write_text("epoch_001\n")
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    return run
+
+
+def test_resume_compares_the_precision_a_run_used(tmp_path):
+    config = TrainConfig.from_dict({"precision": "fp32", "device": "cpu", "output_dir": str(tmp_path / "run")})
+    saved = {**config.to_dict(), "precision": "bf16"}
+    _run_dir(tmp_path, saved)
+    with pytest.raises(ValueError, match=r"different configuration \(precision\)"):
+        train(config, resume=True, progress=False)
+
+
+def test_resume_of_a_legacy_amp_run_on_cpu_is_the_fp32_it_ran_in(tmp_path):
+    config = TrainConfig.from_dict({"precision": "fp32", "device": "cpu", "output_dir": str(tmp_path / "run"),
+                                    "epochs": 7})
+    legacy = {k: v for k, v in config.to_dict().items() if k != "precision"}
+    _run_dir(tmp_path, {**legacy, "amp": True, "epochs": 5})
+    # amp: true on CPU was fp32, so precision is not what differs: only epochs, which this config changed.
+    with pytest.raises(ValueError, match=r"different configuration \(epochs\)"):
+        train(config, resume=True, progress=False)
+
+
+def test_a_training_run_records_the_precision_it_used(tmp_path, colour_folder):
+    config = TrainConfig.from_dict({
+        "model": "capt-tiny-vit", "pretrained": "none", "method": "apt", "device": "cpu", "precision": "bf16",
+        "data": {"name": "imagefolder", "root": str(colour_folder), "split": "train"}, "shots": 2, "epochs": 1,
+        "batch_size": 3, "attack": {"eps": "1/255", "steps": 1}, "output_dir": str(tmp_path / "run")})
+    run = train(config, progress=False)
+    assert yaml.safe_load((run / "config.yaml").read_text())["precision"] == "bf16"
+    auto = TrainConfig.from_dict({**yaml.safe_load((run / "config.yaml").read_text()), "precision": "auto",
+                                  "epochs": 2})
+    # auto resolves on this machine: a resume is accepted exactly when auto means what the run used.
+    from capt.hardware import recommended_precision
+    if recommended_precision("cpu") != "bf16":
+        with pytest.raises(ValueError, match="precision"):
+            train(auto, resume=True, progress=False)
+
+
+def test_pretrain_precision_is_checked():
+    assert PretrainConfig().precision == "auto"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        PretrainConfig(precision="tf32")
+
+
+def test_eval_precision_applies_to_clean_only_evaluations():
+    assert eval_precision("auto", [1 / 255], "cpu", BF16_CPU) == {"requested": "auto", "clean": "fp32", "attacks": "fp32"}
+    assert eval_precision("auto", [], "cpu", BF16_CPU)["clean"] == "bf16"
+    assert eval_precision("auto", [], "cpu", AVX2_CPU)["clean"] == "fp32"
+    assert eval_precision("auto", [], "cpu", AVX512_BF16_CPU)["clean"] == "fp32"  # measured slower than fp32 (Zen 5)
+    assert eval_precision("bf16", [], "cpu", AVX512_BF16_CPU)["clean"] == "bf16"  # still there when asked for
+    with pytest.raises(ValueError, match="clean-only"):
+        check_eval_precision("bf16", [4 / 255])
+    check_eval_precision("bf16", [])
+
+
+def _spy_autocast(monkeypatch):
+    seen = []
+    original = ZeroShotClassifier.forward
+
+    def forward(self, images):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(self, images)
+    monkeypatch.setattr(ZeroShotClassifier, "forward", forward)
+    return seen
+
+
+def _data(model):
+    classnames = ["red", "green", "blue"]
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    return LabeledDataset("noise", TensorDataset(images, labels), classnames, ["a photo of a {}."], labels.tolist())
+
+
+def test_eval_attacks_run_fp32_under_auto_even_where_bf16_is_fast(tiny_clip, monkeypatch):
+    model = PromptedCLIP(tiny_clip)
+    seen = _spy_autocast(monkeypatch)
+    result = evaluate(model, _data(model), [2 / 255], steps=2, progress=False, precision="auto", hardware=BF16_CPU)
+    assert result["precision"] == {"requested": "auto", "clean": "fp32", "attacks": "fp32"}
+    assert seen and not any(seen)  # every forward (clean, attack steps, judgement) outside autocast
+
+
+def test_a_clean_only_evaluation_runs_in_the_chosen_precision(tiny_clip, monkeypatch):
+    model = PromptedCLIP(tiny_clip)
+    seen = _spy_autocast(monkeypatch)
+    result = evaluate(model, _data(model), [], progress=False, precision="auto", hardware=BF16_CPU)
+    assert result["precision"]["clean"] == "bf16" and seen and all(seen)
+    assert 0.0 <= result["clean_acc"] <= 1.0
+
+
+def test_cli_refuses_a_reduced_precision_with_attacks(capsys):
+    assert main(["eval", "--model", "capt-tiny-vit", "--data", "imagefolder:nowhere", "--precision", "bf16",
+                 "--eps", "1/255"]) == 2
+    assert "clean-only" in capsys.readouterr().err
