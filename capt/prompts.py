@@ -46,6 +46,9 @@ class PromptConfig(Options):
     coupling: str = "independent"
     template: str = "a photo of a {}."
     init_std: float = 0.02
+    # The image tower's own weights train too (TeCoA-style adversarial fine-tuning; with no prompts it
+    # is exactly that). They are saved with the prompts, so a checkpoint stays the whole delta.
+    tune_image_tower: bool = False
 
     def __post_init__(self):
         if self.coupling not in COUPLINGS:
@@ -108,11 +111,17 @@ class PromptedCLIP(nn.Module):
                 self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(config.vision_depth))
             else:
                 self.vision_ctx = nn.Parameter(torch.randn(config.vision_depth, config.vision_n_ctx, vision_width) * config.init_std)
+        if config.tune_image_tower:
+            model.visual.requires_grad_(True)
         self._prompts_enabled = True
 
     # ---- prompts -------------------------------------------------------------------------------
     def prompt_parameters(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.named_parameters() if not name.startswith("clip.")}
+        """What training changes: the prompts and coupling layers, and the image tower's weights when
+        ``tune_image_tower``."""
+        tuned = ("clip.visual.",) if self.config.tune_image_tower else ()
+        return {name: p for name, p in self.named_parameters()
+                if not name.startswith("clip.") or name.startswith(tuned)}
 
     def prompt_state_dict(self) -> dict[str, torch.Tensor]:
         return {name: p.detach().clone() for name, p in self.prompt_parameters().items()}

@@ -27,7 +27,7 @@ def prompts_of(run_dir):
 
 
 def test_every_baseline_is_a_config_of_the_same_trainer():
-    assert set(list_methods()) == {"zeroshot", "apt", "advvp", "advmaple", "fap", "capt"}
+    assert set(list_methods()) == {"zeroshot", "apt", "advvp", "advmaple", "fap", "capt", "tecoa"}
     with pytest.raises(ValueError, match="nothing to train"):
         TrainConfig.from_dict({"method": "zeroshot"})
 
