@@ -92,8 +92,8 @@ def _replicate(args) -> None:
 
 def _promote(args) -> None:
     from . import default_model
-    checkpoint = default_model.promote(args.run)
-    print(f"the default prompts ({default_model.relative(default_model.PROMPTS)}) are now those of {checkpoint}")
+    checkpoint = default_model.promote(args.run_dir)
+    print(f"the default prompts ({default_model.PROMPTS}) are now those of {checkpoint}")
 
 
 def _models(args) -> None:
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_replicate)
 
     p = sub.add_parser("promote", help="make a training run's latest prompts the embedded default model's")
-    p.add_argument("run", help="run directory (e.g. runs/capt-default) or checkpoint directory")
+    p.add_argument("run_dir", metavar="run", help="run directory (e.g. runs/capt-default) or checkpoint directory")
     p.set_defaults(run=_promote)
 
     sub.add_parser("models", help="list model names").set_defaults(run=_models)

@@ -57,8 +57,9 @@ def plot_curves(run_dirs: list[str | Path], output: str | Path, title: str | Non
         for i, curve in enumerate(curves):
             colour = f"C{i}"
             steps = [p["step"] for p in curve["points"]]
+            n = curve["points"][-1]["heldout"]["n"]
             ax.plot(steps, [100 * _value(p["heldout"], key) for p in curve["points"]], "-o", ms=3, color=colour,
-                    label=f"{curve['name']} held-out")
+                    label=f"{curve['name']} held-out ({n})")
             if all(p.get("train") for p in curve["points"]):
                 ax.plot(steps, [100 * _value(p["train"], key) for p in curve["points"]], "--", color=colour,
                         alpha=0.7, label=f"{curve['name']} train")
@@ -68,8 +69,7 @@ def plot_curves(run_dirs: list[str | Path], output: str | Path, title: str | Non
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     attack = curves[0]["points"][0]["heldout"].get("attack") or curves[0]["points"][0].get("attack", "PGD")
-    n = curves[0]["points"][0]["heldout"]["n"]
-    fig.suptitle(title or f"learning curves ({attack}, {n} held-out images)")
+    fig.suptitle(title or f"learning curves ({attack}; held-out images per run in the legend)")
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
