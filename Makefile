@@ -44,7 +44,8 @@ serve: install
 	HF_HUB_OFFLINE=1 $(PY) -m serving.prepare
 	HF_HUB_OFFLINE=1 $(VENV)/bin/bentoml serve serving.service:Classifier --host $(HOST) --port $(PORT)
 
-# Rebuilds the embedded default model from scratch (seeded; ~13 min pretraining + ~2 min tuning on 2 idle cores).
+# Rebuilds the embedded default model from scratch (seeded): capt pretrain (~13 min on 2 idle cores), capt robustify
+# (600 steps; 23 min on one shared core), CAPT tuning on the robust tower (~2 min), capt promote.
 default-model: install
 	HF_HUB_OFFLINE=1 $(PY) -m capt.default_model rebuild
 

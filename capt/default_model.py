@@ -13,6 +13,11 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_DIR = REPO_ROOT / "models" / "capt-toy"
 WEIGHTS = MODEL_DIR / "weights.safetensors"        # the toy CLIP, from `capt pretrain --output MODEL_DIR`
+# Its image tower made robust (FARE), from `capt robustify --config ROBUSTIFY_RECIPE --output ROBUST_DIR`.
+ROBUST_DIR = MODEL_DIR / "robust"
+ROBUST_WEIGHTS = ROBUST_DIR / "weights.safetensors"
+ROBUSTIFY_RECIPE = MODEL_DIR / "robustify.yaml"
+BASE_WEIGHTS = ROBUST_WEIGHTS                      # what the default prompts sit on: exported and served
 PROMPTS = MODEL_DIR / "prompts"                    # CAPT prompts, from `capt train --config RECIPE`
 RECIPE = MODEL_DIR / "capt-default.yaml"
 ARCHITECTURE = "capt-toy-vit"
@@ -30,27 +35,38 @@ def promote(run_dir: str | Path) -> Path:
     """Copy a run's latest prompts into ``PROMPTS`` as the embedded default."""
     from .checkpoint import META_FILE, PROMPTS_FILE, resolve_checkpoint
     checkpoint = resolve_checkpoint(run_dir)
+    meta = json.loads((checkpoint / META_FILE).read_text())
+    base = Path(meta.get("pretrained") or "")
+    base = (base if base.is_absolute() else REPO_ROOT / base).resolve()
+    if not base.is_file() or REPO_ROOT not in base.parents:
+        raise ValueError(f"{checkpoint} sits on {meta.get('pretrained')!r}: the default model's base weights must "
+                         f"be a file inside the repository (e.g. {relative(BASE_WEIGHTS)})")
+    meta["pretrained"] = relative(base)  # portable: resolved inside the repository
     PROMPTS.mkdir(parents=True, exist_ok=True)
     shutil.copy2(checkpoint / PROMPTS_FILE, PROMPTS / PROMPTS_FILE)
-    meta = json.loads((checkpoint / META_FILE).read_text())
-    meta["pretrained"] = relative(WEIGHTS)  # portable: resolved inside the repository
     (PROMPTS / META_FILE).write_text(json.dumps(meta, indent=2))
     return checkpoint
 
 
 def rebuild(progress: bool = False) -> None:
     """Train the default model from scratch as committed: pretraining with ``capt pretrain``'s
-    defaults, CAPT prompt tuning with ``RECIPE``, promotion (``make default-model``; seeded, about
-    15 minutes on 2 idle cores)."""
+    defaults (fp32), the robust image tower with ``ROBUSTIFY_RECIPE``, CAPT prompt tuning on it with
+    ``RECIPE``, promotion (``make default-model``; seeded; see the README for the time it takes)."""
+    import yaml
+
     from .config import TrainConfig
     from .pretrain import PretrainConfig, pretrain
+    from .robustify import RobustifyConfig, robustify
     from .train import train
 
     config = TrainConfig.from_yaml(RECIPE)
     config.output_dir = str(REPO_ROOT / config.output_dir)
     shutil.rmtree(MODEL_DIR / "pretrain_state", ignore_errors=True)
+    shutil.rmtree(ROBUST_DIR, ignore_errors=True)
     shutil.rmtree(config.output_dir, ignore_errors=True)
-    pretrain(PretrainConfig(), MODEL_DIR, progress=progress)
+    pretrain(PretrainConfig(precision="fp32"), MODEL_DIR, progress=progress)
+    robustify(RobustifyConfig.from_dict(yaml.safe_load(ROBUSTIFY_RECIPE.read_text())), ROBUST_DIR, progress=progress)
+    shutil.rmtree(ROBUST_DIR / "robustify_state", ignore_errors=True)  # resumable state, not part of the model
     promote(train(config, progress=progress))
 
 

@@ -22,14 +22,14 @@ from export.fingerprint import export_fingerprint
 
 def default_model_fingerprint() -> str:
     """One digest of what the default bundle is exported from and with (``export.fingerprint``)."""
-    return export_fingerprint(default_model.WEIGHTS, default_model.PROMPTS / PROMPTS_FILE,
+    return export_fingerprint(default_model.BASE_WEIGHTS, default_model.PROMPTS / PROMPTS_FILE,
                               default_model.PROMPTS / META_FILE, extra=default_model.SAMPLE_DATA)
 
 
 def build_default_bundle() -> str:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        manifest = export_bundle(default_model.PROMPTS, Path(tmp) / "bundle", pretrained=str(default_model.WEIGHTS),
+        manifest = export_bundle(default_model.PROMPTS, Path(tmp) / "bundle", pretrained=str(default_model.BASE_WEIGHTS),
                                  sample_data=default_model.SAMPLE_DATA)
         tag = save_to_model_store(Path(tmp) / "bundle", default_model.STORE_NAME,
                                   {"source_sha256": default_model_fingerprint()})

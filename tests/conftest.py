@@ -52,7 +52,7 @@ def default_bundle(tmp_path_factory):
     from capt import default_model
     from export import export_bundle
     bundle = tmp_path_factory.mktemp("default") / "bundle"
-    export_bundle(default_model.PROMPTS, bundle, pretrained=str(default_model.WEIGHTS), sample_data=default_model.SAMPLE_DATA)
+    export_bundle(default_model.PROMPTS, bundle, pretrained=str(default_model.BASE_WEIGHTS), sample_data=default_model.SAMPLE_DATA)
     return bundle
 
 
