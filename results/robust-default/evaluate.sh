@@ -29,7 +29,9 @@ autoattack() {
 }
 zeroshot=(--model capt-toy-vit --method zeroshot --pretrained "$ORIGINAL")
 backbone=(--model capt-toy-vit --method zeroshot --pretrained "$ROBUST")
-prompts=(--checkpoint "${PROMPTS_ONLY:-runs/capt-prompts-only}" --pretrained "$ORIGINAL")
+# Prompts alone: CAPT at 2/255 on the original CLIP, as trained for the learning curves (not committed:
+#   capt train --config results/learning-curves/configs/capt.yaml), run with PROMPTS_ONLY=results/learning-curves/runs/capt
+prompts=(--checkpoint "${PROMPTS_ONLY:-results/learning-curves/runs/capt}" --pretrained "$ORIGINAL")
 both=(--checkpoint models/capt-toy/prompts)
 # bash evaluate.sh [PART ...] (default: every part, then AutoAttack on zero-shot and the served default)
 for p in "${@:-zeroshot backbone prompts both aa-zeroshot aa-both}"; do
