@@ -111,3 +111,33 @@ def load_prompted_model(path: str | Path, pretrained: str | None = None, device:
     model = PromptedCLIP(clip, PromptConfig.from_dict(meta["prompt"])).to(device)
     model.load_prompt_state_dict(state)
     return model.eval(), meta
+
+
+# A whole-model training run's resumable state (``capt pretrain``, ``capt robustify``): one directory
+# with the module's weights as safetensors and the optimiser, schedule and step, replaced atomically.
+MODEL_STATE_FILE = "model.safetensors"
+
+
+def save_training_state(state_dir: Path, module: torch.nn.Module, optimizer, scheduler, step: int) -> None:
+    """Write ``state_dir`` through a temporary directory; a crash at any point leaves the previous one."""
+    tmp = state_dir.with_name(f".{state_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / MODEL_STATE_FILE)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
+               tmp / STATE_FILE)
+    old = state_dir.with_name(f".{state_dir.name}.old")
+    if state_dir.exists():
+        os.rename(state_dir, old)
+    os.rename(tmp, state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_training_state(state_dir: Path, module: torch.nn.Module, optimizer, scheduler) -> int:
+    """Restore what :func:`save_training_state` wrote into ``module``, ``optimizer`` and ``scheduler``
+    (no unpickling: safetensors, and ``weights_only``); returns the step to continue from."""
+    module.load_state_dict(load_file(state_dir / MODEL_STATE_FILE))
+    state = torch.load(state_dir / STATE_FILE, weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return state["step"]

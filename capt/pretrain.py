@@ -10,7 +10,7 @@ captions, a batch of 128 holds several images of "a star"; plain CLIP (``loss="c
 This is the image-text-label contrastive loss of UniCL (Yang et al., CVPR 2022); with one positive per
 row it is open_clip's loss.
 
-Checkpoints (weights as safetensors, optimiser state read back with ``weights_only``) are written
+Checkpoints (``capt.checkpoint.save_training_state``: weights as safetensors, optimiser state read back with ``weights_only``) are written
 atomically every ``checkpoint_every`` steps, and ``--resume`` continues a run.
 """
 from __future__ import annotations
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.functional import to_tensor
 from tqdm import tqdm
 
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_training_state, save_training_state
 from .data.fashion import FASHION_MNIST_CLASSNAMES, fashion_mnist_arrays
 from .data.toyworld import caption_sample, held_out_pairs
 from .hardware import autocast_factory, check_precision, resolve_precision
@@ -159,11 +159,7 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
     start = 0
     if resume and state_dir.exists():
-        model.load_state_dict(load_file(state_dir / "model.safetensors"))
-        state = torch.load(state_dir / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start = load_training_state(state_dir, model, optimizer, scheduler)
     batches = PretrainBatches(CaptionStream(config, clip.image_size), clip.tokenizer, config.batch_size, start,
                               config.steps)
     loader = DataLoader(batches, batch_size=None, num_workers=config.data_workers,
@@ -200,7 +196,7 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
         bar.set_postfix(loss=f"{loss.item():.3f}", scale=f"{model.logit_scale.exp().item():.1f}")
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
-            _save_state(state_dir, model, optimizer, scheduler, done)
+            save_training_state(state_dir, model, optimizer, scheduler, done)
             with log.open("a") as f:
                 f.write(json.dumps({"step": done, "loss": loss.item(), "logit_scale": model.logit_scale.exp().item(),
                                     "seconds": round(time.perf_counter() - started, 1)}) + "\n")
@@ -219,18 +215,3 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
         exempt = parameter.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
         (kept if exempt else decayed).append(parameter)
     return [{"params": decayed, "weight_decay": weight_decay}, {"params": kept, "weight_decay": 0.0}]
-
-
-def _save_state(state_dir: Path, model, optimizer, scheduler, step: int) -> None:
-    import shutil
-    tmp = state_dir.with_name(f".{state_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step},
-               tmp / "trainer_state.pt")
-    old = state_dir.with_name(f".{state_dir.name}.old")
-    if state_dir.exists():
-        os.rename(state_dir, old)
-    os.rename(tmp, state_dir)
-    shutil.rmtree(old, ignore_errors=True)

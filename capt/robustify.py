@@ -30,16 +30,15 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 from tqdm import tqdm
 
 from . import default_model
 from .attacks.embedding import EmbeddingPGD, embedding_distance
-from .checkpoint import atomic_write_text
+from .checkpoint import atomic_write_text, load_training_state, save_training_state
 from .config import parse_alpha, parse_eps
 from .data import load_dataset
 from .models import create_clip, pixel_transform
-from .pretrain import _save_state, save_weights_fp16
+from .pretrain import save_weights_fp16
 from .prompts import PromptConfig, PromptedCLIP
 
 STATE_DIR, WEIGHTS_FILE = "robustify_state", "weights.safetensors"
@@ -159,11 +158,7 @@ def robustify(config: RobustifyConfig, output_dir: str | Path, resume: bool = Fa
     start = 0
     output_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        model.clip.load_state_dict(load_file(state_dir / "model.safetensors"))
-        state = torch.load(state_dir / "trainer_state.pt", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["step"]
+        start = load_training_state(state_dir, model.clip, optimizer, scheduler)
     else:
         atomic_write_text(output_dir / CONFIG_FILE, json.dumps(config.to_dict(), indent=2))
         for name in (METRICS_FILE, CURVE_FILE):
@@ -199,7 +194,7 @@ def robustify(config: RobustifyConfig, output_dir: str | Path, resume: bool = Fa
         done = step + 1
         if done % config.checkpoint_every == 0 or done == config.steps:
             model.eval()
-            _save_state(state_dir, model.clip, optimizer, scheduler, done)
+            save_training_state(state_dir, model.clip, optimizer, scheduler, done)
             mean = (sums / count).tolist()
             _append(output_dir / METRICS_FILE, {"step": done, "loss": mean[0], "adv_distance": mean[1],
                                                 "clean_distance": None if math.isnan(mean[2]) else mean[2],
@@ -210,7 +205,7 @@ def robustify(config: RobustifyConfig, output_dir: str | Path, resume: bool = Fa
             _append(output_dir / CURVE_FILE, zero_shot_point(model, config, eval_data, done))
         if stop_after is not None and done >= stop_after:
             if done % config.checkpoint_every and done != config.steps:
-                _save_state(state_dir, model.clip, optimizer, scheduler, done)
+                save_training_state(state_dir, model.clip, optimizer, scheduler, done)
             return None
     weights = output_dir / WEIGHTS_FILE
     save_weights_fp16(model.clip, weights)

@@ -36,6 +36,21 @@ class Attack:
         delta = torch.clamp(adv - clean, -self.eps, self.eps)
         return torch.clamp(clean + delta, 0.0, 1.0)
 
+    def _signed_ascent(self, images: torch.Tensor, objective, steps: int, alpha: float,
+                       random_start: bool) -> torch.Tensor:
+        """``steps`` signed-gradient steps of size ``alpha`` up ``objective(model(adv))``, from a uniform
+        random point of the ball (or the clean image), projected onto the ball and [0, 1] after each."""
+        images = images.detach()
+        adv = images.clone()
+        if random_start:
+            adv = self.project(adv + self._uniform_noise(adv), images)
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            with torch.enable_grad():
+                grad, = torch.autograd.grad(objective(self.model(adv)), adv)
+            adv = self.project(adv.detach() + alpha * grad.sign(), images)
+        return adv.detach()
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         return self.perturb(images, labels, **kwargs)
 

@@ -45,13 +45,5 @@ class EmbeddingPGD(Attack):
         images, targets = images.detach(), targets.detach()
         if self.eps == 0 or self.steps == 0:
             return images.clone()
-        adv = images.clone()
-        if self.random_start:
-            adv = self.project(adv + self._uniform_noise(adv), images)
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                objective = embedding_distance(self.model(adv), targets).mean()
-                grad, = torch.autograd.grad(objective, adv)
-            adv = self.project(adv.detach() + self.alpha * grad.sign(), images)
-        return adv.detach()
+        return self._signed_ascent(images, lambda embeddings: embedding_distance(embeddings, targets).mean(),
+                                   self.steps, self.alpha, self.random_start)

@@ -53,13 +53,5 @@ class PGD(Attack):
         if self.loss == "kl" and target_probs is None:
             with torch.no_grad():
                 target_probs = F.softmax(self.model(images).float(), dim=-1)
-        adv = images.clone()
-        if self.random_start:
-            adv = self.project(adv + self._uniform_noise(adv), images)
-        for _ in range(self.steps):
-            adv.requires_grad_(True)
-            with torch.enable_grad():
-                objective = self._objective(self.model(adv), labels, target_probs)
-                grad, = torch.autograd.grad(objective, adv)
-            adv = self.project(adv.detach() + self.alpha * grad.sign(), images)
-        return adv.detach()
+        return self._signed_ascent(images, lambda logits: self._objective(logits, labels, target_probs),
+                                   self.steps, self.alpha, self.random_start)
