@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from starlette.responses import JSONResponse
+
 
 class ClientError(Exception):
     status = HTTPStatus.BAD_REQUEST
@@ -24,3 +26,10 @@ class Busy(ClientError):
 class ProbeTimeout(ClientError):
     """A probe ran past its time limit and was stopped (503)."""
     status = HTTPStatus.SERVICE_UNAVAILABLE
+
+
+def error_response(err: ClientError) -> JSONResponse:
+    """The refusal as every endpoint sends it: ``{"error": message}`` with its status (and
+    ``Retry-After`` when the client should wait and retry)."""
+    headers = {"Retry-After": "1"} if isinstance(err, Busy) else None
+    return JSONResponse({"error": str(err)}, status_code=int(err.status), headers=headers)

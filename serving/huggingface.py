@@ -32,8 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .errors import Busy, ClientError, RequestError
-from .images import decode_base64_image
+from .errors import ClientError, RequestError, error_response
+from .images import decode_base64_image, refuse_image_url
 
 MOUNT = "/hf"
 ROUTE = "/zero-shot-image-classification"
@@ -48,14 +48,6 @@ class ZeroShotRequest:
     image: str  # base64, or a data URL
     labels: list[str]
     template: str | None
-
-
-def refuse_image_url(text: str) -> None:
-    """Images are bytes in the request; a URL is never fetched (a server-side request to wherever a
-    client points)."""
-    if text.strip()[:8].lower().startswith(("http://", "https://")):
-        raise RequestError("images given as http(s) URLs are not fetched: send the image's bytes as base64 "
-                           "(or a data: URL)")
 
 
 def _fields(value: Any, allowed: tuple[str, ...], where: str) -> dict:
@@ -128,11 +120,6 @@ async def json_body(request: Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, ValueError):
         raise RequestError("the body is not JSON") from None
-
-
-def error_response(err: ClientError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if isinstance(err, Busy) else None
-    return JSONResponse({"error": str(err)}, status_code=int(err.status), headers=headers)
 
 
 def create_app(service: Callable[[], Any]) -> Starlette:

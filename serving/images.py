@@ -11,7 +11,7 @@ from PIL import Image
 
 from capt import images
 
-from .errors import ImageRejected
+from .errors import ImageRejected, RequestError
 
 
 def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -44,3 +44,11 @@ def png_base64(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def refuse_image_url(text: str) -> None:
+    """Images are bytes in the request; a URL is never fetched (a server-side request to wherever a
+    client points)."""
+    if text.strip()[:8].lower().startswith(("http://", "https://")):
+        raise RequestError("images given as http(s) URLs are not fetched: send the image's bytes as base64 "
+                           "(or a data: URL)")

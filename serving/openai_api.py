@@ -34,8 +34,8 @@ from starlette.routing import Route
 from export.bundle import MANIFEST
 
 from .errors import Busy, ClientError
-from .huggingface import json_body, refuse_image_url
-from .images import decode_base64_image
+from .huggingface import json_body
+from .images import decode_base64_image, refuse_image_url
 from .model import validate_labels
 
 MOUNT = "/v1"

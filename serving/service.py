@@ -30,7 +30,7 @@ from export.bundle import BundleError, bundle_path_from_store, load_bundle, veri
 from . import huggingface, openai_api
 from .auth import ApiKeyAuth, describe as describe_api_keys, load_api_keys
 from .batching import MicroBatcher
-from .errors import ClientError, RequestError
+from .errors import ClientError, RequestError, error_response
 from .images import decode_base64_image, read_upload
 from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipart, redact_request_errors
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
@@ -64,7 +64,7 @@ def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
     try:
         return work()
     except ClientError as err:
-        return huggingface.error_response(err)  # {"error": message}, with Retry-After on a 429
+        return error_response(err)  # {"error": message}, with Retry-After on a 429
 
 
 # Sync endpoints run on a thread pool that BentoML sizes to 1 by default: one probe would then hold
