@@ -144,6 +144,9 @@ class TrainConfig:
     shots: int | None = 16
     seed: int = 1
     epochs: int = 5
+    # Stop after this many optimiser steps (a dry run of a protocol); the learning-rate schedule still
+    # follows ``epochs``. None: train all ``epochs``.
+    max_steps: int | None = None
     batch_size: int = 32
     lr: float = 0.0035
     momentum: float = 0.9
@@ -151,6 +154,9 @@ class TrainConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     num_workers: int = 0
+    # Recompute transformer blocks in the backward pass (PromptedCLIP.set_grad_checkpointing): far less
+    # memory for a large label set's text tower, about a third more compute, the same result.
+    grad_checkpointing: bool = False
     # auto | fp32 | bf16 | fp16 (capt.hardware): autocast of the training step, PGD included; auto is
     # capt.hardware.recommended_precision on the run's device. A legacy ``amp: true`` loads as
     # "cuda-bf16" (bf16 autocast on CUDA, fp32 on CPU: what it did), ``amp: false`` as fp32.
@@ -186,6 +192,8 @@ class TrainConfig:
         check_precision(config.precision, allow_legacy=True)
         if config.epochs < 1 or config.batch_size < 1:
             raise ValueError("epochs and batch_size must be >= 1")
+        if config.max_steps is not None and config.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1 (or left out for no limit), got {config.max_steps}")
         if config.shots is not None and config.shots < 1:
             config.shots = None  # 0 means all data
         return config

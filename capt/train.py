@@ -43,7 +43,8 @@ from .models import create_clip, pixel_transform
 from .prompts import PromptConfig, PromptedCLIP, ZeroShotClassifier
 
 # Keys that may differ between a run and its resumption without changing the result.
-_RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints", "curve")
+# Keys that change no result: a run may resume with other values, and they do not name its folder.
+_RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints", "curve", "grad_checkpointing")
 # The progress bar's running figures cost a host sync each time: refreshed at most this often.
 _POSTFIX_SECONDS = 1.0
 
@@ -149,8 +150,41 @@ class _TrainingStep(nn.Module):
         return clean_logits, adv_logits
 
 
+def _epoch_order(config: TrainConfig, epoch: int, size: int) -> list[int]:
+    """The rows of the training set in the order ``epoch`` takes them (before ranks split them), seeded
+    from (seed, epoch) alone so that a resumed run and a dry run's frozen-feature pass see the order
+    an uninterrupted run does."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch)).tolist()
+
+
+def _reached_max_steps(config: TrainConfig, global_step: int) -> bool:
+    return config.max_steps is not None and global_step >= config.max_steps
+
+
+def _rows_left_to_visit(config: TrainConfig, size: int, start_epoch: int, global_step: int,
+                        distributed: _Distributed) -> list[int] | None:
+    """The training rows that the steps left to a ``max_steps`` run read, when they all fall in the
+    first epoch it runs (a dry run of a protocol: 2 steps need 64 of ImageNet 16-shot's 16,000 frozen
+    features); None (every row) otherwise: no ``max_steps``, steps reaching into a second epoch, or a
+    distributed run (whose ranks split the feature pass by dataset position, not by the epoch's order)."""
+    if config.max_steps is None or distributed.enabled:
+        return None
+    images_left = (config.max_steps - global_step) * config.batch_size
+    if images_left >= size:
+        return None
+    return _epoch_order(config, start_epoch, size)[:images_left]
+
+
+def _encode_frozen(model: PromptedCLIP, dataset, rows: list[int], config: TrainConfig, device: torch.device,
+                   autocast) -> torch.Tensor:
+    loader = DataLoader(Subset(dataset, rows), batch_size=config.batch_size, shuffle=False,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    with torch.no_grad(), autocast(), model.prompts_disabled():
+        return torch.cat([model.encode_image(images.to(device, non_blocking=True)) for images, _ in loader])
+
+
 def _frozen_image_features(model: PromptedCLIP, dataset, config: TrainConfig, device: torch.device,
-                           distributed: _Distributed, autocast) -> torch.Tensor:
+                           distributed: _Distributed, autocast, rows: list[int] | None = None) -> torch.Tensor:
     """The frozen CLIP's (prompts off) features of every training image, row ``i`` for ``dataset[i]``.
 
     Once per run instead of every epoch, because an image's frozen features never change: the
@@ -159,13 +193,26 @@ def _frozen_image_features(model: PromptedCLIP, dataset, config: TrainConfig, de
     (dataset order), not the epoch's, so a resumed run gets the same features, bit for bit, as an
     uninterrupted one. Ranks split the images (the last ones wrap around so that every rank has as
     many) and exchange the features. Kept on the device: images x embedding width (ImageNet 16-shot
-    on ViT-B/32: 16,000 x 512, 16 MB in bf16)."""
+    on ViT-B/32: 16,000 x 512, 16 MB in bf16).
+
+    ``rows`` (a run that is not distributed; see ``_rows_left_to_visit``): only the full pass's batches
+    that hold those rows are computed, and the other rows are left zeros, for a run that never reads
+    them; every row computed equals the full pass's, bit for bit."""
+    if rows is not None:
+        if distributed.enabled:
+            raise ValueError("the frozen features of chosen rows are for a run that is not distributed")
+        # The full pass's own batches (dataset order) that hold the rows: the same batches give the
+        # same features, bit for bit, as a full pass (a batch of other rows may round differently).
+        size = config.batch_size
+        batches = sorted({row // size for row in rows})
+        chosen = [i for b in batches for i in range(b * size, min((b + 1) * size, len(dataset)))]
+        computed = _encode_frozen(model, dataset, chosen, config, device, autocast)
+        features = computed.new_zeros((len(dataset), *computed.shape[1:]))
+        features[torch.tensor(chosen, device=computed.device)] = computed
+        return features
     per_rank = math.ceil(len(dataset) / distributed.world_size)
     mine = [(distributed.rank * per_rank + i) % len(dataset) for i in range(per_rank)]
-    loader = DataLoader(Subset(dataset, mine), batch_size=config.batch_size, shuffle=False,
-                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
-    with torch.no_grad(), autocast(), model.prompts_disabled():
-        features = torch.cat([model.encode_image(images.to(device, non_blocking=True)) for images, _ in loader])
+    features = _encode_frozen(model, dataset, mine, config, device, autocast)
     return distributed.gather_rows(features)[: len(dataset)]
 
 
@@ -214,7 +261,9 @@ def train(config: TrainConfig, resume: bool = False, stop_after_epoch: int | Non
           progress: bool = True) -> Path:
     """Train prompts as ``config`` says; returns the run directory. ``stop_after_epoch`` ends the
     run early (as an interruption would) after that epoch's checkpoint; the schedule still follows
-    ``config.epochs`` and ``resume=True`` continues it."""
+    ``config.epochs`` and ``resume=True`` continues it. ``config.max_steps`` ends the run after that
+    many optimiser steps, mid-epoch if need be: that epoch's record (with its real ``step`` and
+    ``images``) and checkpoint are written, and a resumed run that has reached it trains no further."""
     device = resolve_device(config.device)
     distributed = _Distributed(device)
     try:
@@ -248,7 +297,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
 
     torch.manual_seed(config.seed)  # prompt initialisation, identical on every rank
     clip = create_clip(config.model, config.pretrained, device=device, quick_gelu=config.quick_gelu)
-    model = PromptedCLIP(clip, config.prompt).to(device)
+    model = PromptedCLIP(clip, config.prompt).to(device).set_grad_checkpointing(config.grad_checkpointing)
     data = load_dataset(config.data, pixel_transform(clip.preprocess_cfg)).few_shot(config.shots, config.seed)
     if len(data) == 0:
         raise ValueError(f"dataset {config.data} is empty")
@@ -299,13 +348,20 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
 
     one_off_started = time.perf_counter()
     frozen_features = None
-    if loss_cfg.needs_frozen and start_epoch < config.epochs:
-        frozen_features = _frozen_image_features(reference, data.dataset, config, device, distributed, autocast)
+    if loss_cfg.needs_frozen and start_epoch < config.epochs and not _reached_max_steps(config, global_step):
+        # A dry run (max_steps) on a large training set would spend most of its time in this pass:
+        # it computes only the rows its steps read. (``rows`` goes by position: tests wrap this
+        # function as ``lambda model, *args``.)
+        visited_rows = _rows_left_to_visit(config, len(data), start_epoch, global_step, distributed)
+        frozen_features = _frozen_image_features(reference, data.dataset, config, device, distributed, autocast,
+                                                 visited_rows)
     one_off_seconds = time.perf_counter() - one_off_started
 
     curve = _Curve(config, data, attack_cfg.eps, pixel_transform(clip.preprocess_cfg)) if config.curve.every else None
     for epoch in range(start_epoch, config.epochs):
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed * 10_007 + epoch)).tolist()
+        if _reached_max_steps(config, global_step):
+            break  # a dry run's last step is done (in the epoch before, or before it was resumed)
+        order = _epoch_order(config, epoch, len(data))
         order = (order * distributed.world_size)[: per_rank * distributed.world_size]  # equal shards, like DistributedSampler
         shard = order[distributed.rank::distributed.world_size]
         loader = DataLoader(Subset(data.dataset, shard), batch_size=config.batch_size, shuffle=False,
@@ -317,8 +373,10 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         part_sums: dict[str, torch.Tensor] = {}
         images_seen, postfix_due = 0, 0.0
         started = time.perf_counter() - (one_off_seconds if epoch == start_epoch else 0.0)
+        # A dry run (max_steps) may end mid-epoch: the bar shows the steps it will take.
+        bar_steps = len(loader) if config.max_steps is None else min(len(loader), config.max_steps - global_step)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and distributed.is_main),
-                   dynamic_ncols=True, leave=True)
+                   total=bar_steps, dynamic_ncols=True, leave=True)
         for images, labels in bar:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             batch = labels.numel()
@@ -347,6 +405,8 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
                 mean_loss, acc, adv_acc = (sums / images_seen).tolist()
                 bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{acc:.3f}", adv_acc=f"{adv_acc:.3f}")
                 postfix_due = time.perf_counter() + _POSTFIX_SECONDS
+            if _reached_max_steps(config, global_step):
+                break  # the epoch's record and checkpoint below cover the steps taken
 
         keys = sorted(part_sums)
         images_total = torch.tensor([images_seen], dtype=torch.float64, device=device)
@@ -359,7 +419,8 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
                   "world_size": distributed.world_size,
                   "rank_param_max_diff": distributed.max_param_difference(params)}
         record["images_per_s"] = round(n / max(record["seconds"], 1e-9), 2)
-        if config.curve.every and ((epoch + 1) % config.curve.every == 0 or epoch + 1 == config.epochs):
+        last_epoch = epoch + 1 == config.epochs or _reached_max_steps(config, global_step)
+        if config.curve.every and ((epoch + 1) % config.curve.every == 0 or last_epoch):
             record["curve"] = curve.point(model)
             model.train()
         history.append(record)
