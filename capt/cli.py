@@ -1,11 +1,12 @@
 """The ``capt`` command line: ``capt train``, ``capt eval``, ``capt pretrain``, ``capt replicate``, ``capt promote``,
-``capt models``, ``capt methods``; and, registered as ``capt.commands`` entry points (see ``_plugins``),
+``capt synthetic-imagenet``, ``capt models``, ``capt methods``; and, registered as ``capt.commands`` entry points (see ``_plugins``),
 ``capt export`` (from the ``export`` package) and ``capt info``, ``capt robustify``, ``capt curves`` (each
 defined beside what it runs)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .config import list_methods, parse_eps
 
@@ -80,14 +81,40 @@ def _replicate(args) -> None:
     from .replicate import GridConfig, run_grid
 
     overrides = {k: v for k, v in {"model": args.model, "pretrained": args.pretrained, "quick_gelu": args.quick_gelu,
-                                   "methods": args.methods,
+                                   "reference_pretrained": args.reference_pretrained, "methods": args.methods,
                                    "shots": args.shots, "eps": args.eps, "seeds": args.seeds, "epochs": args.epochs,
-                                   "train_data": args.train_data, "eval_data": args.eval_data,
-                                   "eval_samples": args.eval_samples, "pgd_steps": args.pgd_steps,
+                                   "max_steps": args.max_steps, "train_data": args.train_data,
+                                   "eval_data": args.eval_data, "eval_samples": args.eval_samples,
+                                   "cross_samples": args.cross_samples, "pgd_steps": args.pgd_steps,
+                                   "headline_eps": args.headline_eps, "headline_samples": args.headline_samples,
+                                   "headline_autoattack_samples": args.autoattack_samples,
+                                   "eps_curve_samples": args.eps_curve_samples, "ablations": args.ablations,
+                                   "ablation_at": args.ablation_eps,
+                                   "workers": args.workers, "precision": args.precision,
+                                   "eval_templates": args.eval_templates,
+                                   "grad_checkpointing": args.grad_checkpointing,
                                    "attacks": args.attacks, "device": args.device}.items() if v is not None}
+    if args.steps is not None:
+        overrides["steps"] = args.steps or None  # 0: the epochs for every shot count
+    if args.pretrained is not None and args.reference_pretrained is None:
+        from .models import REPO_ROOT
+        from . import default_model
+        given = Path(args.pretrained)
+        given = given if given.is_absolute() else REPO_ROOT / given
+        if given.resolve() != default_model.BASE_WEIGHTS.resolve():
+            overrides["reference_pretrained"] = None  # other weights: f_0 is the tuned model's own, prompts off
     grid = GridConfig.quick(**overrides) if args.quick else GridConfig(**overrides)
     run_grid(grid, args.output, progress=not args.no_progress)
     print(f"results in {args.output}/results.md, results.json and *.png")
+
+
+def _synthetic_imagenet(args) -> None:
+    from .data.synthetic import write_synthetic_imagenet
+    root = write_synthetic_imagenet(args.root, images_per_class=args.images_per_class,
+                                    val_images_per_class=args.val_images_per_class, seed=args.seed,
+                                    progress=not args.no_progress)
+    print(f"synthetic ImageNet (noise images, for dry runs only) in {root}: use imagenet:{root}:train and "
+          f"imagenet:{root}:val")
 
 
 def _promote(args) -> None:
@@ -192,15 +219,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, nargs="+")
     p.add_argument("--eps", type=parse_eps, nargs="+")
     p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--epochs", type=int, help="epochs per run when --steps is 0")
+    p.add_argument("--steps", type=int, help="optimiser steps per run for every shot count (default 30; epochs = "
+                   "ceil(steps / steps per epoch), at least 2); 0: --epochs for every shot count")
+    p.add_argument("--max-steps", type=int, help="stop every run after this many steps (a dry run of a protocol)")
+    p.add_argument("--reference-pretrained", help="the frozen CLIP of CAPT's consistency term (default: the original "
+                   "toy CLIP on the default robust backbone, else the tuned weights)")
     p.add_argument("--train-data", help="dataset spec to tune on (default: the toy world's pairs)")
     p.add_argument("--eval-data", nargs="+", help="dataset specs; the first is in-distribution")
-    p.add_argument("--eval-samples", type=int)
-    p.add_argument("--pgd-steps", type=int)
+    p.add_argument("--eval-samples", type=int, help="in-distribution images per cell (default 200)")
+    p.add_argument("--cross-samples", type=int, help="images per cross-dataset set per cell (default 64)")
+    p.add_argument("--pgd-steps", type=int, help="PGD steps of every cell's evaluation (default 10)")
+    p.add_argument("--headline-eps", type=parse_eps, nargs="*",
+                   help="eps of the headline cells (largest shot count): PGD-100, AutoAttack and the eps curve "
+                        "(default 2/255; none: no headline cells and no ablations)")
+    p.add_argument("--headline-samples", type=int, help="images of the headline PGD-100 (default 100)")
+    p.add_argument("--autoattack-samples", type=int, help="images of the headline AutoAttack (default 100)")
+    p.add_argument("--eps-curve-samples", type=int, help="images per eps of the eps curve (default 100)")
+    p.add_argument("--ablations", nargs="*", help="ablations of CAPT to run (default: all; none: no ablations)")
+    p.add_argument("--ablation-eps", type=parse_eps, nargs="+",
+                   help="eps at which the ablations run (default: the first headline eps)")
+    p.add_argument("--workers", type=int, help="processes running cells side by side on a CPU (default 2)")
+    p.add_argument("--eval-templates", nargs="+", metavar="TEMPLATE",
+                   help="templates of every evaluation set instead of each dataset's own (e.g. 'a photo of a {}.')")
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute transformer blocks in the backward pass: far less memory for large label sets")
+    _add_precision_option(p, "training (evaluation attacks are always fp32)", default=None)
     _add_attack_option(p)
     p.add_argument("--device")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_replicate)
+
+    p = sub.add_parser("synthetic-imagenet", help="write an ImageNet-shaped folder of noise images (1000 WordNet ids) "
+                       "for a dry run of the paper's protocol")
+    p.add_argument("root", help="a new or empty folder")
+    p.add_argument("--images-per-class", type=int, default=16)
+    p.add_argument("--val-images-per-class", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(run=_synthetic_imagenet)
 
     p = sub.add_parser("promote", help="make a training run's latest prompts the embedded default model's")
     p.add_argument("run_dir", metavar="run", help="run directory (e.g. runs/capt-default) or checkpoint directory")
