@@ -385,7 +385,7 @@ def _materialise_random_weights(grid: GridConfig, output_dir: Path, device) -> G
         partial = path.with_suffix(".partial")
         save_file(state, str(partial))
         os.replace(partial, path)
-    return dataclasses.replace(grid, pretrained=str(path.resolve()), quick_gelu=grid.quick_gelu)
+    return dataclasses.replace(grid, pretrained=str(path.resolve()))
 
 
 def _left_out(grid: GridConfig) -> list[str]:
@@ -507,7 +507,6 @@ def run_grid(grid: GridConfig, output_dir: str | Path, progress: bool = False) -
     with tqdm(total=len(pending), desc="replicate", unit="cell", disable=not progress, dynamic_ncols=True) as bar:
         if grid.workers == 1 or len(pending) <= 1:
             previous = torch.get_num_threads()
-            _CELLS_STARTED[0] = 0
             if device.type == "cpu":
                 torch.set_num_threads(threads)
             try:
@@ -630,11 +629,9 @@ def headline_table(rows: list[dict]) -> str:
     header = ["method", "shots", "eps", f"clean ({_images(columns['grid'])})"] + [titles[n] for n in columns if n in titles]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key in keys:
-        cells = []
-        for name in ("grid",) + tuple(n for n in columns if n in titles):
-            mine = [r for r in columns[name] if (r["method"], r["shots"], r["eps"]) == key]
-            metric = "clean" if len(cells) == 0 else "robust"
-            cells.append(_with_interval(mine, metric) if mine else "–")
+        mine = {name: [r for r in found if (r["method"], r["shots"], r["eps"]) == key] for name, found in columns.items()}
+        cells = [_with_interval(mine["grid"], "clean") if mine["grid"] else "–"]
+        cells += [_with_interval(mine[name], "robust") if mine[name] else "–" for name in columns if name in titles]
         method, shots, eps = key
         lines.append("| " + " | ".join([method, str(shots if shots is not None else "–"), eps] + cells) + " |")
     return "\n".join(lines) + "\n"

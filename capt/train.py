@@ -42,7 +42,6 @@ from .losses import capt_loss
 from .models import create_clip, pixel_transform
 from .prompts import PromptConfig, PromptedCLIP, ZeroShotClassifier
 
-# Keys that may differ between a run and its resumption without changing the result.
 # Keys that change no result: a run may resume with other values, and they do not name its folder.
 _RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints", "curve", "grad_checkpointing")
 # The progress bar's running figures cost a host sync each time: refreshed at most this often.
@@ -164,8 +163,8 @@ def _reached_max_steps(config: TrainConfig, global_step: int) -> bool:
 def _rows_left_to_visit(config: TrainConfig, size: int, start_epoch: int, global_step: int,
                         distributed: _Distributed) -> list[int] | None:
     """The training rows that the steps left to a ``max_steps`` run read, when they all fall in the
-    first epoch it runs (a dry run of a protocol: 2 steps need 64 of ImageNet 16-shot's 16,000 frozen
-    features); None (every row) otherwise: no ``max_steps``, steps reaching into a second epoch, or a
+    first epoch it runs (a dry run of a protocol: 2 steps read 64 of ImageNet 16-shot's 16,000 images,
+    and the frozen pass then encodes only the batches that hold them); None (every row) otherwise: no ``max_steps``, steps reaching into a second epoch, or a
     distributed run (whose ranks split the feature pass by dataset position, not by the epoch's order)."""
     if config.max_steps is None or distributed.enabled:
         return None
@@ -350,7 +349,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     frozen_features = None
     if loss_cfg.needs_frozen and start_epoch < config.epochs and not _reached_max_steps(config, global_step):
         # A dry run (max_steps) on a large training set would spend most of its time in this pass:
-        # it computes only the rows its steps read. (``rows`` goes by position: tests wrap this
+        # it encodes only the batches that hold the rows its steps read. (``rows`` goes by position: tests wrap this
         # function as ``lambda model, *args``.)
         visited_rows = _rows_left_to_visit(config, len(data), start_epoch, global_step, distributed)
         frozen_features = _frozen_image_features(reference, data.dataset, config, device, distributed, autocast,
