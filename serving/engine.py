@@ -131,16 +131,40 @@ def cache_dir() -> Path:
         return fallback
 
 
+class DerivedGraphFailed(RuntimeError):
+    """Making a derived graph failed, now or at an earlier start (the failure is recorded beside the
+    cache, so a restart does not spend the same seconds failing again)."""
+
+
 def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Path:
+    """The ``kind`` graph derived from the bundle's image graph by ``make(source, target)``, made once
+    and cached by the source's sha256. A ``make`` that raises is recorded in ``<target>.failed`` (keyed
+    by the onnxruntime version too, as another version may succeed) and re-raised at every later start
+    without retrying; delete the file to retry."""
+    import onnxruntime
+
     from export.bundle import IMAGE_ONNX
     source = bundle.path / IMAGE_ONNX
     digest = bundle.manifest["files"][IMAGE_ONNX][:16]
     target = cache_dir() / f"image_encoder-{digest}-{kind}.onnx"
+    failure = target.with_name(f"{target.name}.ort-{onnxruntime.__version__}.failed")
+    if failure.is_file():
+        raise DerivedGraphFailed(f"{failure.read_text().strip()} (recorded at an earlier start in {failure}; "
+                                 "delete it to retry)")
     if not target.is_file():
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
         try:
             make(source, partial)
             os.replace(partial, target)  # atomic: a concurrent start sees a whole file or none
+        except Exception as err:
+            message = f"making the {kind} graph failed: {type(err).__name__}: {err}"[:500]
+            try:
+                recorded = failure.with_name(f".{failure.name}.{os.getpid()}.partial")
+                recorded.write_text(message + "\n")
+                os.replace(recorded, failure)
+            except OSError:
+                pass  # an unwritable cache only costs the retry
+            raise DerivedGraphFailed(message) from err
         finally:
             partial.unlink(missing_ok=True)
     return target

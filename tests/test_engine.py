@@ -5,8 +5,8 @@ import torch
 
 from capt.hardware import Hardware, detect
 from export.bundle import load_bundle
-from serving.engine import (ENGINES, MAX_BATCH_DIFF, Candidate, EngineError, ImageEngine, OnnxEngine, candidates,
-                            choose_engine)
+from serving.engine import (ENGINES, MAX_BATCH_DIFF, Candidate, DerivedGraphFailed, EngineError, ImageEngine,
+                            OnnxEngine, _derived_graph, candidates, choose_engine)
 from serving.model import Limits, ServingModel
 
 BARE = Hardware.from_flags(set())  # an x86 CPU without AVX2: only the exported fp32 graph applies
@@ -209,3 +209,31 @@ def test_onnx_engine_reports_its_provider(bundle):
     assert engine.provider == "CPUExecutionProvider"
     out = engine.encode(np.random.default_rng(0).random((2, 3, 64, 64)).astype(np.float64))
     assert out.dtype == np.float32 and out.shape[0] == 2
+
+
+def test_a_derived_graph_is_made_once_and_a_failure_is_not_retried(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    calls = []
+
+    def copy(source, target):
+        calls.append("copy")
+        target.write_bytes(source.read_bytes())
+
+    def fail(source, target):
+        calls.append("fail")
+        target.write_bytes(b"half a graph")
+        raise ValueError("shape inference failed on node 7")
+
+    made = _derived_graph(bundle, "copy", copy)
+    assert _derived_graph(bundle, "copy", copy) == made and calls == ["copy"]
+    for _ in range(2):  # the first start fails and records it; the second reads the record
+        with pytest.raises(DerivedGraphFailed, match="shape inference failed on node 7"):
+            _derived_graph(bundle, "broken", fail)
+    assert calls == ["copy", "fail"]
+    assert [p.name for p in tmp_path.iterdir() if "broken" in p.name] == [
+        next(p.name for p in tmp_path.iterdir() if p.name.endswith(".failed"))]  # no partial graph is left
+    for record in tmp_path.glob("*.failed"):
+        record.unlink()  # deleting the record retries
+    with pytest.raises(DerivedGraphFailed):
+        _derived_graph(bundle, "broken", fail)
+    assert calls == ["copy", "fail", "fail"]
