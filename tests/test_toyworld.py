@@ -74,6 +74,15 @@ def test_tasks_label_what_is_drawn():
     assert image.size == (64, 64) and label == data.labels[0]
 
 
+def test_the_images_split_draws_every_pair_and_none_of_the_evaluation_images():
+    images = ToyWorldTask("pairs", "images", size=1000)
+    drawn = {(scene.colour, scene.shape) for scene in images.scenes}
+    assert drawn == {(c, s) for c in COLOURS for s in SHAPES}  # the held-out pairs too, as pretraining draws them
+    evaluation = {(scene, seed) for split in ("test", "heldout") for task in [ToyWorldTask("pairs", split, size=1000)]
+                  for scene, seed in zip(task.scenes, task.render_seeds)}
+    assert not evaluation & set(zip(images.scenes, images.render_seeds))
+
+
 def test_fashion_mnist_from_gzipped_idx_files(tmp_path):
     write_idx_gz(tmp_path / "train-images-idx3-ubyte.gz", np.arange(2 * 28 * 28).reshape(2, 28, 28) % 256)
     write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", np.array([3, 7]))

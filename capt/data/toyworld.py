@@ -258,12 +258,19 @@ TASKS = {
     "colours": (list(COLOURS), "a photo of a {} object.", lambda sc: sc.colour),
     "counts": (list(COUNT_WORDS.values()), "a photo of {} objects.", lambda sc: COUNT_WORDS[sc.count]),
 }
-SPLITS = {"train": (1, 4000, "seen"), "test": (2, 2000, "seen"), "heldout": (3, 2000, "heldout")}
+# split: (seed, default size, which pairs). "images" draws every pair, as pretraining does, and is for
+# stages that read no labels (``capt robustify``): pretraining drew the held-out pairs' images too (only
+# their captions never name the pair), so it adds no caption and no label of a held-out pair. A labelled
+# run on it (``capt train``) would see the held-out pairs' labels; its own seed keeps its images apart
+# from those of ``test`` and ``heldout``.
+SPLITS = {"train": (1, 4000, "seen"), "test": (2, 2000, "seen"), "heldout": (3, 2000, "heldout"),
+          "images": (4, 4000, "all")}
 
 
 class ToyWorldTask:
-    """A labelled toy-world task: ``split`` is ``train``/``test`` (pairs seen in pretraining) or
-    ``heldout`` (only the held-out colour x shape pairs). Images are rendered on access."""
+    """A labelled toy-world task: ``split`` is ``train``/``test`` (pairs seen in pretraining),
+    ``heldout`` (only the held-out colour x shape pairs) or ``images`` (every pair, for stages that
+    read no labels; see ``SPLITS``). Images are rendered on access."""
 
     def __init__(self, task: str, split: str = "test", transform=None, size: int | None = None, seed: int = 0):
         if task not in TASKS:
@@ -274,7 +281,8 @@ class ToyWorldTask:
         self.templates = [template]
         split_seed, default_size, which = SPLITS[split]
         held_out = held_out_pairs(seed=seed)
-        pairs = sorted(held_out) if which == "heldout" else seen_pairs(held_out)
+        pairs = {"heldout": sorted(held_out), "seen": seen_pairs(held_out),
+                 "all": [(c, s) for c in COLOURS for s in SHAPES]}[which]
         self.transform = transform
         self.scenes, self.render_seeds = [], []
         for index in range(size or default_size):
