@@ -33,6 +33,7 @@ from .models import ClipModel
 from .options import Options
 
 COUPLINGS = ("independent", "maple")
+TEXT_DEEP_INITS = ("random", "identity")
 
 
 @dataclass
@@ -46,6 +47,11 @@ class PromptConfig(Options):
     coupling: str = "independent"
     template: str = "a photo of a {}."
     init_std: float = 0.02
+    # Deep text prompts (layers 1..text_depth-1) start as ``random`` vectors (std init_std; MaPLe's init)
+    # or as ``identity``: the hidden states the context tokens have there anyway, so that, untrained, they
+    # change nothing on the text side (the context follows the start token, and the causal mask keeps its
+    # hidden states independent of the class name).
+    text_deep_init: str = "random"
     # The image tower's own weights train too (TeCoA-style adversarial fine-tuning; with no prompts it
     # is exactly that). They are saved with the prompts, so a checkpoint stays the whole delta.
     tune_image_tower: bool = False
@@ -54,6 +60,8 @@ class PromptConfig(Options):
         if self.coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got '{self.coupling}'")
         check_template(self.template)
+        if self.text_deep_init not in TEXT_DEEP_INITS:
+            raise ValueError(f"text_deep_init must be one of {TEXT_DEEP_INITS}, got '{self.text_deep_init}'")
         for name in ("text_n_ctx", "vision_n_ctx"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
@@ -107,6 +115,8 @@ class PromptedCLIP(nn.Module):
                 ctx[-self.n_dropped:] = model.token_embedding.weight[init_ids].detach().float()
             self.text_ctx = nn.Parameter(ctx)
             self.text_deep = nn.Parameter(torch.randn(config.text_depth - 1, config.text_n_ctx, text_width) * config.init_std)
+            if config.text_deep_init == "identity" and config.text_depth > 1:
+                self.text_deep.data.copy_(self._context_hidden_states())
         if config.vision_n_ctx:
             if config.coupling == "maple":
                 self.coupling = nn.ModuleList(nn.Linear(text_width, vision_width) for _ in range(config.vision_depth))
@@ -153,6 +163,22 @@ class PromptedCLIP(nn.Module):
     @property
     def vision_prompted(self) -> bool:
         return self._prompts_enabled and self.config.vision_n_ctx > 0
+
+    @torch.no_grad()
+    def _context_hidden_states(self) -> torch.Tensor:
+        """The context tokens' hidden states at the input of text layers 1..text_depth-1, with no deep
+        prompts. Under the causal mask they depend only on the start token and the context, so the
+        sequence [start, context] gives them for every class name."""
+        model, n_ctx = self.clip, self.config.text_n_ctx
+        start = self.tokenizer([""])[:, :1].to(model.token_embedding.weight.device)
+        x = torch.cat([model.token_embedding(start)[0], self.text_ctx.detach()], dim=0).unsqueeze(0)
+        x = x + model.positional_embedding[: 1 + n_ctx]
+        mask = model.attn_mask[: 1 + n_ctx, : 1 + n_ctx] if model.attn_mask is not None else None
+        states = []
+        for block in model.transformer.resblocks[: self.config.text_depth - 1]:
+            x = block(x, attn_mask=mask)
+            states.append(x[0, 1:].float())
+        return torch.stack(states)
 
     def _text_prompts(self) -> list[torch.Tensor]:
         return [self.text_ctx, *self.text_deep.unbind(0)]

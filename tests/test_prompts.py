@@ -161,3 +161,22 @@ def test_fits_context_agrees_with_an_untruncated_token_count(tiny_clip, text_n_c
     expected = [n <= room for n in needed]
     assert model.fits_context(labels) == expected
     assert True in expected and False in expected
+
+
+@pytest.mark.parametrize("clip_name", MODELS)
+def test_identity_deep_init_leaves_the_text_side_as_zero_shot(clip_name, request):
+    clip = request.getfixturevalue(clip_name)
+    names = ["cat", "a very long name of a kind of dog", "purple star"]
+    reference = clip.model.encode_text(PromptedCLIP(clip).tokenize(names), normalize=True)
+    gaps = {}
+    for init in ("identity", "random"):
+        torch.manual_seed(0)
+        model = PromptedCLIP(clip, PromptConfig.from_dict({**MULTIMODAL.to_dict(), "text_deep_init": init}))
+        assert model.config.text_depth > 1 and model.text_deep.abs().max() > 0
+        gaps[init] = (model.encode_text(model.tokenize(names)) - reference).abs().max().item()
+    assert gaps["identity"] < 1e-5 and gaps["random"] > 1e-2, gaps  # random deep prompts move every class
+
+
+def test_text_deep_init_is_checked():
+    with pytest.raises(ValueError, match="text_deep_init"):
+        PromptConfig(text_deep_init="zeros")
