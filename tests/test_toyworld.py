@@ -74,13 +74,17 @@ def test_tasks_label_what_is_drawn():
     assert image.size == (64, 64) and label == data.labels[0]
 
 
-def test_the_images_split_draws_every_pair_and_none_of_the_evaluation_images():
+def test_the_images_and_validation_splits_draw_none_of_the_evaluation_images():
     images = ToyWorldTask("pairs", "images", size=1000)
     drawn = {(scene.colour, scene.shape) for scene in images.scenes}
     assert drawn == {(c, s) for c in COLOURS for s in SHAPES}  # the held-out pairs too, as pretraining draws them
-    evaluation = {(scene, seed) for split in ("test", "heldout") for task in [ToyWorldTask("pairs", split, size=1000)]
-                  for scene, seed in zip(task.scenes, task.render_seeds)}
-    assert not evaluation & set(zip(images.scenes, images.render_seeds))
+    drawn = {split: set(zip(task.scenes, task.render_seeds)) for split in ("test", "heldout", "val", "heldout-val")
+             for task in [ToyWorldTask("pairs", split, size=1000)]}
+    assert not (drawn["test"] | drawn["heldout"]) & set(zip(images.scenes, images.render_seeds))
+    assert not drawn["val"] & drawn["test"] and not drawn["heldout-val"] & drawn["heldout"]
+    held_out = held_out_pairs()
+    assert all((scene.colour, scene.shape) in held_out for scene, _ in drawn["heldout-val"])
+    assert not any((scene.colour, scene.shape) in held_out for scene, _ in drawn["val"])
 
 
 def test_fashion_mnist_from_gzipped_idx_files(tmp_path):

@@ -263,14 +263,17 @@ TASKS = {
 # their captions never name the pair), so it adds no caption and no label of a held-out pair. A labelled
 # run on it (``capt train``) would see the held-out pairs' labels; its own seed keeps its images apart
 # from those of ``test`` and ``heldout``.
+# "val" and "heldout-val" are for choosing a recipe without looking at the images its figures are
+# reported on ("test", "heldout").
 SPLITS = {"train": (1, 4000, "seen"), "test": (2, 2000, "seen"), "heldout": (3, 2000, "heldout"),
-          "images": (4, 4000, "all")}
+          "images": (4, 4000, "all"), "val": (5, 2000, "seen"), "heldout-val": (6, 2000, "heldout")}
 
 
 class ToyWorldTask:
     """A labelled toy-world task: ``split`` is ``train``/``test`` (pairs seen in pretraining),
-    ``heldout`` (only the held-out colour x shape pairs) or ``images`` (every pair, for stages that
-    read no labels; see ``SPLITS``). Images are rendered on access."""
+    ``heldout`` (only the held-out colour x shape pairs), ``val`` / ``heldout-val`` (other images of the
+    same pairs, for choosing recipes) or ``images`` (every pair, for stages that read no labels; see
+    ``SPLITS``). Images are rendered on access."""
 
     def __init__(self, task: str, split: str = "test", transform=None, size: int | None = None, seed: int = 0):
         if task not in TASKS:
