@@ -5,7 +5,7 @@ import pytest
 
 from capt.data import load_dataset
 from capt.data.fashion import fashion_mnist_arrays
-from capt.data.toyworld import (COLOURS, COUNT_WORDS, SHAPES, Scene, ToyWorldTask, caption_sample, captions,
+from capt.data.toyworld import (COLOURS, COUNT_WORDS, SHAPES, SPLITS, Scene, ToyWorldTask, caption_sample, captions,
                                 held_out_pairs, names_a_held_out_pair, render, sample_scene, scene_facts, seen_pairs)
 from capt.pretrain import CaptionStream, PretrainConfig
 from conftest import write_idx_gz
@@ -74,14 +74,15 @@ def test_tasks_label_what_is_drawn():
     assert image.size == (64, 64) and label == data.labels[0]
 
 
-def test_the_images_and_validation_splits_draw_none_of_the_evaluation_images():
+def test_no_two_splits_share_an_image_and_images_draws_every_pair():
     images = ToyWorldTask("pairs", "images", size=1000)
-    drawn = {(scene.colour, scene.shape) for scene in images.scenes}
-    assert drawn == {(c, s) for c in COLOURS for s in SHAPES}  # the held-out pairs too, as pretraining draws them
-    drawn = {split: set(zip(task.scenes, task.render_seeds)) for split in ("test", "heldout", "val", "heldout-val")
+    pairs = {(scene.colour, scene.shape) for scene in images.scenes}
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES}  # the held-out pairs too, as pretraining draws them
+    drawn = {split: set(zip(task.scenes, task.render_seeds)) for split in SPLITS
              for task in [ToyWorldTask("pairs", split, size=1000)]}
-    assert not (drawn["test"] | drawn["heldout"]) & set(zip(images.scenes, images.render_seeds))
-    assert not drawn["val"] & drawn["test"] and not drawn["heldout-val"] & drawn["heldout"]
+    for first in SPLITS:
+        for second in SPLITS:
+            assert first == second or not drawn[first] & drawn[second], (first, second)
     held_out = held_out_pairs()
     assert all((scene.colour, scene.shape) in held_out for scene, _ in drawn["heldout-val"])
     assert not any((scene.colour, scene.shape) in held_out for scene, _ in drawn["val"])
