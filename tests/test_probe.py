@@ -178,14 +178,15 @@ def test_the_probe_judges_the_8_bit_image_it_returns(served):
     """The returned PNG, decoded and preprocessed as an upload, gets from the twin the margin the probe
     reports and from the served graph its label; the attack's own float image got another margin."""
     image, labels = toy_image("star", "red"), LABELS
-    result = served.probe(image, labels, eps=8 / 255, steps=10, attack="apgd", return_images=True)
+    # eps off the 8-bit grid: APGD saturates most pixels at +-7.5/255, which the 8-bit image must round
+    # to +-7/255 (inside the ball), so the float and the 8-bit image get different margins on any model.
+    result = served.probe(image, labels, eps=7.5 / 255, steps=10, attack="apgd", return_images=True)
     assert result["adversarial_quantised"] is True and "8 bits" in result["quantisation_note"]
-    # This case discriminates: APGD's image is off the grid, and rounding it changes the margin.
-    assert abs(result["float"]["margin"] - result["margin_adversarial"]) > 1e-2
+    assert abs(result["float"]["margin"] - result["margin_adversarial"]) > 1e-2  # 0.6 on the default model
     png = _decode(result["adversarial_png"])
     pixels = torch.from_numpy(served.pixels([png]))
     assert torch.equal(pixels * 255, (pixels * 255).round())
-    assert adversarial.linf_255(pixels, torch.from_numpy(served.pixels([image]))) == result["linf_distance_255"] == 8.0
+    assert adversarial.linf_255(pixels, torch.from_numpy(served.pixels([image]))) == result["linf_distance_255"] == 7.0
     with torch.no_grad():
         logits = _twin(served, labels)(pixels)[0]
     target = labels.index(result["target"])
