@@ -16,6 +16,11 @@ part() {  # part NAME ARGS...: PGD-100 at 1, 2, 4 /255 on the pair test split an
   $CAPT eval "$@" --data toyworld_pairs::test --data toyworld_pairs::heldout --eps 1/255 2/255 4/255 --steps 100 \
     --max-samples "$N" --no-progress --output "$OUT/$name/pgd100"
   cross "$name" "$@"
+  clean "$name" "$@"
+}
+clean() {  # clean NAME ARGS...: clean accuracy on every image of the splits (2000 each; 200 give +-5.5 points)
+  local name=$1; shift
+  $CAPT eval "$@" --data toyworld_pairs::test --data toyworld_pairs::heldout --eps --no-progress --output "$OUT/$name/clean"
 }
 cross() {  # cross NAME ARGS...: PGD-10 at 1/255 and 2/255 on the cross-dataset sets (Fashion-MNIST: Debian's dataset-fashion-mnist)
   local name=$1; shift
@@ -39,6 +44,7 @@ for p in "${@:-zeroshot backbone prompts both aa-zeroshot aa-both}"; do
     case $q in
       aa-zeroshot) autoattack zeroshot "${zeroshot[@]}" ;;
       aa-both) autoattack both "${both[@]}" ;;
+      clean-*) eval "args=(\"\${${q#clean-}[@]}\")"; clean "${q#clean-}" "${args[@]}" ;;
       cross-*) eval "args=(\"\${${q#cross-}[@]}\")"; cross "${q#cross-}" "${args[@]}" ;;
       *) eval "args=(\"\${$q[@]}\")"; part "$q" "${args[@]}" ;;
     esac
