@@ -50,8 +50,10 @@ class RobustifyConfig:
     model: str = "capt-toy-vit"
     pretrained: str | None = field(default_factory=lambda: default_model.relative(default_model.WEIGHTS))
     quick_gelu: bool | None = None
-    # Images only (labels are never read); the toy world's pair train split by default.
-    data: dict = field(default_factory=lambda: {"name": "toyworld_pairs", "split": "train"})
+    # Images only (labels are never read). By default the toy world's images of every pair, as pretraining
+    # drew them: on the seen-pair train split alone the tower drifts on the pairs it never sees
+    # (results/backbone-search/README.md).
+    data: dict = field(default_factory=lambda: {"name": "toyworld_pairs", "split": "images"})
     steps: int = 400
     batch_size: int = 64
     lr: float = 1e-4
