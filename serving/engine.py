@@ -140,7 +140,8 @@ def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Pat
     """The ``kind`` graph derived from the bundle's image graph by ``make(source, target)``, made once
     and cached by the source's sha256. A ``make`` that raises is recorded in ``<target>.failed`` (keyed
     by the onnxruntime version too, as another version may succeed) and re-raised at every later start
-    without retrying; delete the file to retry."""
+    without retrying; delete the file to retry. An ``OSError`` is not recorded: it says something about
+    the machine, not the graph."""
     import onnxruntime
 
     from export.bundle import IMAGE_ONNX
@@ -156,6 +157,8 @@ def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Pat
         try:
             make(source, partial)
             os.replace(partial, target)  # atomic: a concurrent start sees a whole file or none
+        except OSError:
+            raise  # the machine's (a full disk, a permission), not the graph's: retried at the next start
         except Exception as err:
             message = f"making the {kind} graph failed: {type(err).__name__}: {err}"[:500]
             try:

@@ -237,3 +237,17 @@ def test_a_derived_graph_is_made_once_and_a_failure_is_not_retried(bundle, tmp_p
     with pytest.raises(DerivedGraphFailed):
         _derived_graph(bundle, "broken", fail)
     assert calls == ["copy", "fail", "fail"]
+
+
+def test_a_machine_error_while_deriving_a_graph_is_not_recorded(bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    calls = []
+
+    def disk_full(source, target):
+        calls.append("write")
+        raise OSError(28, "No space left on device")
+
+    for _ in range(2):  # retried at the next start: the graph may well quantise once there is room
+        with pytest.raises(OSError, match="No space left"):
+            _derived_graph(bundle, "int8", disk_full)
+    assert calls == ["write", "write"] and not list(tmp_path.glob("*.failed"))
