@@ -32,7 +32,9 @@ from .auth import ApiKeyAuth, describe as describe_api_keys, load_api_keys
 from .batching import MicroBatcher
 from .errors import ClientError, RequestError, error_response
 from .images import decode_base64_image, read_upload
-from .middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipart, redact_request_errors
+from .heap import freeze_startup_heap
+from .middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
+    redact_request_errors
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
@@ -103,6 +105,7 @@ class Classifier:
         self.served_model_name = os.environ.get("CAPT_SERVED_MODEL_NAME") or self.model.manifest["model"]
         self.embedding_slots = threading.BoundedSemaphore(self.model.limits.max_concurrent_embeddings)
         logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see (capt logs warnings)
+        freeze_startup_heap()  # last: what start-up made is never garbage (serving/heap.py)
 
     def __is_ready__(self) -> bool:
         """BentoML's /readyz hook: 503 unless a tiny classification through the served graphs (and the
@@ -198,6 +201,7 @@ Classifier.add_asgi_middleware(ApiKeyAuth, keys=API_KEYS)  # first: a request wi
 Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
 Classifier.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
+cancel_request_timers()
 Classifier.mount_asgi_app(huggingface.create_app(bentoml.get_current_service), path=huggingface.MOUNT)
 Classifier.mount_asgi_app(openai_api.create_app(bentoml.get_current_service), path=openai_api.MOUNT)
 from .ui import ui_app  # noqa: E402 - the /ui page (serving/static/), served by this process
