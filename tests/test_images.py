@@ -89,3 +89,28 @@ def test_exif_orientation_is_honoured():
     decoded = np.asarray(decode_image(png_bytes(stored, "JPEG", exif=exif, quality=95), **LIMITS)).astype(int)
     assert decoded.shape == upright.shape
     assert np.abs(decoded - upright).mean() < 8
+
+
+@pytest.mark.parametrize("size, image_size", [
+    ((64, 64), (64, 64)),   # the model's size: the fast path
+    ((48, 64), (64, 48)),   # non-square, (height, width) against PIL's (width, height)
+    ((64, 64), (80, 64)),   # other sizes go through the resize and crop
+    ((64, 64), (64, 80)),
+    ((48, 64), (48, 64)),   # transposed: not the model's size
+])
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+def test_pixels_equal_open_clips_eval_transform(size, image_size, resize_mode):
+    import open_clip
+    import torch
+
+    from capt.images import pixel_transform
+
+    cfg = {"size": size, "interpolation": "bicubic", "resize_mode": resize_mode, "fill_color": 0}
+    reference = open_clip.image_transform(size, is_train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                                          resize_mode=resize_mode, interpolation="bicubic", fill_color=0)
+    rng = np.random.default_rng(sum(size) + sum(image_size))
+    image = Image.fromarray(rng.integers(0, 256, (image_size[1], image_size[0], 3), dtype=np.uint8))
+    pixels = pixel_transform(cfg)(image)
+    assert pixels.dtype == torch.float32 and pixels.is_contiguous()
+    assert pixels.shape == (3, *size)
+    assert torch.equal(pixels, reference(image))
