@@ -128,9 +128,10 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinning: bool = False):
+def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinning: bool = False, threads: int = 0):
     """An ONNX Runtime session on the first usable of ``providers`` (default CUDA, then CPU);
-    ``session.get_providers()[0]`` says which one runs.
+    ``session.get_providers()[0]`` says which one runs. ``threads``: intra-op threads of its CPU
+    kernels; 0 is ONNX Runtime's default (one per physical core).
 
     ``spinning`` lets ONNX Runtime's CPU threads busy-wait between runs (its default). That is about
     10% faster for a process that does nothing else, but in the server those threads took the cores
@@ -153,6 +154,9 @@ def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinn
     # session creation); EXTENDED measured as fast on our fp32 graphs.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    if threads < 0:
+        raise ValueError(f"ONNX Runtime threads must be >= 0 (0: its default), got {threads}")
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), sess_options=options, providers=wanted or ["CPUExecutionProvider"])
 
 
@@ -188,6 +192,7 @@ class Bundle:
     image_session: Any
     text_session: Any
     twin: Any  # capt.prompts.PromptedCLIP: the probe's PyTorch model, rebuilt from the bundle alone
+    ort_threads: int = 0  # intra-op threads of its ONNX Runtime sessions (0: ONNX Runtime's default)
 
     @property
     def tokenizer(self) -> dict[str, Any]:
@@ -224,12 +229,15 @@ def load_twin(bundle_dir: str | Path, manifest: dict[str, Any]):
     return model.eval()
 
 
-def load_bundle(bundle_dir: str | Path, providers: Sequence[str] | None = None, check: bool = True) -> Bundle:
-    """Verify the files, open the ONNX sessions, rebuild the twin and (``check``) compare the two."""
+def load_bundle(bundle_dir: str | Path, providers: Sequence[str] | None = None, check: bool = True,
+                ort_threads: int = 0) -> Bundle:
+    """Verify the files, open the ONNX sessions (``ort_threads`` intra-op threads each, 0: ONNX Runtime's
+    default), rebuild the twin and (``check``) compare the two."""
     bundle_dir = Path(bundle_dir)
     manifest = verify_bundle(bundle_dir)
-    bundle = Bundle(bundle_dir, manifest, onnx_session(bundle_dir / IMAGE_ONNX, providers),
-                    onnx_session(bundle_dir / TEXT_ONNX, providers), load_twin(bundle_dir, manifest))
+    bundle = Bundle(bundle_dir, manifest, onnx_session(bundle_dir / IMAGE_ONNX, providers, threads=ort_threads),
+                    onnx_session(bundle_dir / TEXT_ONNX, providers, threads=ort_threads), load_twin(bundle_dir, manifest),
+                    ort_threads)
     if check:
         check_twin(bundle)
     return bundle

@@ -194,10 +194,10 @@ def converted_fp16(bundle) -> Path:
     return _derived_graph(bundle, "fp16", make)
 
 
-def _session(path: Path, provider: str):
+def _session(path: Path, provider: str, threads: int = 0):
     from export.bundle import onnx_session
     providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    session = onnx_session(path, providers)
+    session = onnx_session(path, providers, threads=threads)
     if session.get_providers()[0] != provider:
         raise EngineError(f"ONNX Runtime fell back to {session.get_providers()[0]} instead of {provider}")
     return session
@@ -210,6 +210,7 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
     allowed = set(providers) if providers else None
     cpu_session = (bundle.image_session if bundle.image_session.get_providers()[0] == "CPUExecutionProvider"
                    else None)
+    threads = getattr(bundle, "ort_threads", 0)  # CAPT_ORT_THREADS, as the bundle's own sessions
     x86 = hardware.arch.lower() in ("x86_64", "amd64", "i686", "x86")
     int8_ok = (x86 and hardware.avx2) or hardware.arch.lower() in ("aarch64", "arm64")
     cuda_reason = None
@@ -225,11 +226,11 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
                                  else "this onnxruntime build has no TensorRT provider")
     return [
         Candidate("onnx-fp32", True, "the exported graph, as its parity was measured",
-                  lambda: OnnxEngine("onnx-fp32", cpu_session or _session(graph, "CPUExecutionProvider"))),
+                  lambda: OnnxEngine("onnx-fp32", cpu_session or _session(graph, "CPUExecutionProvider", threads))),
         Candidate("onnx-int8", int8_ok,
                   ("int8 MatMuls" + (" with VNNI" if hardware.vnni else " (no VNNI: u8s8 dot products in AVX2)"))
                   if int8_ok else f"no fast int8 kernels known for {hardware.arch} without AVX2",
-                  lambda: OnnxEngine("onnx-int8", _session(quantised_int8(bundle), "CPUExecutionProvider"))),
+                  lambda: OnnxEngine("onnx-int8", _session(quantised_int8(bundle), "CPUExecutionProvider", threads))),
         Candidate("torch-bf16", hardware.native_bf16_cpu,
                   "native bf16 on this CPU" if hardware.native_bf16_cpu else
                   "no native bf16 (AVX512_BF16 or AMX-BF16): PyTorch would emulate it, slower than fp32",

@@ -58,6 +58,12 @@ class Limits:
     # where OpenMP teams measured slower than on a main thread: on 2 cores, 1 thread made a 10-step
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
+    # ONNX Runtime intra-op threads of the served graphs' CPU sessions; 0 = its default (one per
+    # physical core). Under concurrent load the server's batches are small (2 images on average at
+    # concurrency 32 with the default model), where a second thread buys little and costs CPU that
+    # request handling needs: on 2 cores of an AMD EPYC, 1 thread ran the default model's batches of
+    # 1-2 at 0.78-0.82 ms of CPU an image against 1.2-1.4 with 2 (see README, Performance).
+    ort_threads: int = 0
     # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto is
     # bf16 on a CPU with native bf16 (capt.hardware), fp32 elsewhere. The judgement of the attack's final
     # image (``flipped``, margins, ``served_onnx``) is always fp32.
@@ -227,9 +233,11 @@ class ServingModel:
                  check_twin: bool = True, engine: str | None = None):
         """``check_twin=False`` skips comparing the probe's twin with the graphs, for a process whose
         parent already did (``bentoml serve`` checks once before starting its workers)."""
-        self.bundle = load_bundle(bundle_dir, providers, check=check_twin)
-        self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.limits = limits or Limits()
+        if self.limits.ort_threads < 0:
+            raise ValueError(f"CAPT_ORT_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.limits.ort_threads}")
+        self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.limits.ort_threads)
+        self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.image_session, self.text_session = self.bundle.image_session, self.bundle.text_session
         self.provider = self.bundle.provider
         self.provider_note = None

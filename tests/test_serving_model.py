@@ -266,3 +266,15 @@ def test_concurrent_cold_classify_requests_encode_the_label_set_once(served, mon
 
 def _ranking(answer):
     return [[p["label"] for p in row] for row in answer["predictions"]]
+
+
+def test_onnx_runtime_threads_of_the_served_sessions_come_from_the_limits(default_bundle, served, monkeypatch):
+    monkeypatch.setenv("CAPT_ENGINE", "onnx-fp32")  # the exported graph's own session, no self-test
+    one = ServingModel(default_bundle, Limits(ort_threads=1), check_twin=False)
+    for session in (one.image_session, one.text_session, one.engine.session):
+        assert session.get_session_options().intra_op_num_threads == 1
+    assert served.image_session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's default
+    image = toy_image("star", "blue")
+    assert one.encode_images(one.pixels([image])) == pytest.approx(served.encode_images_exported(served.pixels([image])), abs=1e-5)
+    with pytest.raises(ValueError, match="CAPT_ORT_THREADS must be >= 0"):
+        ServingModel(default_bundle, Limits(ort_threads=-1), check_twin=False)
