@@ -23,20 +23,21 @@ install: $(STAMP)
 test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
-# tests/test_ui_browser.py drives Debian's chromium headless through chromedriver. Installed here when missing
-# and possible (root with apt-get); never fails the build: without a browser that test skips and says why.
-BROWSER_PACKAGES := chromium chromium-driver
+# tests/test_ui_browser.py drives Debian's chromium headless through chromedriver; the HTTP benchmarks (and
+# tests/test_wrk_driver.py) load the server with Debian's wrk. Installed here when missing and possible (root
+# with apt-get); never fails the build: without them those tests skip and say why.
+BROWSER_PACKAGES := chromium chromium-driver wrk
 browser:
-	@if command -v chromedriver >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then \
+	@if command -v chromedriver >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 && { command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; }; then \
 	  :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  echo "installing $(BROWSER_PACKAGES) for tests/test_ui_browser.py"; \
+	  echo "installing $(BROWSER_PACKAGES) for tests/test_ui_browser.py and tests/test_wrk_driver.py"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1 \
 	    || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends $(BROWSER_PACKAGES) >/dev/null 2>&1; } \
-	    || echo "could not install $(BROWSER_PACKAGES): tests/test_ui_browser.py will skip"; \
+	    || echo "could not install $(BROWSER_PACKAGES): tests/test_ui_browser.py and tests/test_wrk_driver.py will skip"; \
 	else \
-	  echo "no chromium/chromedriver, and not root with apt-get: tests/test_ui_browser.py will skip"; \
+	  echo "no chromium/chromedriver/wrk, and not root with apt-get: tests/test_ui_browser.py and tests/test_wrk_driver.py will skip"; \
 	fi
 
 # Serves the embedded default model (exported into the BentoML model store on first use).

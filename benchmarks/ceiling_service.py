@@ -13,7 +13,8 @@ The same as the real service:
 - the decoding: ``serving.images.read_upload`` with the same limits (``serving.model.Limits.from_env``)
   and the same count checks as ``Classifier._decode``;
 - the ASGI middlewares (``ApiKeyAuth``, ``BodySizeLimit``, ``MultipartBoundaryRequired``),
-  ``harden_multipart`` and ``redact_request_errors``.
+  ``harden_multipart``, ``cancel_request_timers`` and ``redact_request_errors``;
+- the heap frozen at the end of start-up (``serving.heap.freeze_startup_heap``).
 
 Not the same: no model (no label validation or label-cache lookup, no pixel transform, no micro-
 batcher, no ONNX Runtime run, no ranking), no Prometheus counters of our own, no ``__is_ready__``
@@ -33,7 +34,9 @@ from serving.auth import ApiKeyAuth, load_api_keys
 from serving.errors import ClientError, RequestError
 from serving.huggingface import error_response
 from serving.images import read_upload
-from serving.middleware import BodySizeLimit, MultipartBoundaryRequired, harden_multipart, redact_request_errors
+from serving.heap import freeze_startup_heap
+from serving.middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
+    redact_request_errors
 from serving.model import Limits
 from serving.service import Classifier
 
@@ -47,6 +50,7 @@ class Ceiling:
     def __init__(self) -> None:
         redact_request_errors()
         self.limits = Limits.from_env()
+        freeze_startup_heap()
 
     @bentoml.api
     def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None,
@@ -72,3 +76,4 @@ Ceiling.add_asgi_middleware(ApiKeyAuth, keys=load_api_keys())
 Ceiling.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
 Ceiling.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
+cancel_request_timers()
