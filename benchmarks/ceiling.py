@@ -217,14 +217,14 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
         "ceiling = benchmarks/ceiling_service.py: the same BentoML options, endpoint signature, middlewares, patches and "
         "image decoder (serving.images.read_upload, same limits), then a constant answer: no model work",
         "'worker processes' = the `bentoml serve` process's worker children counted in /proc; 'worker CPU' = each "
-        "one's CPU seconds per wall second during the measured window, per round (all > 0: every worker served "
-        "requests); 'server CPU ms/req' = their sum per request",
+        "one's CPU seconds per wall second during the measured window, per round (0.0: that worker served "
+        "nothing); 'server CPU ms/req' = their sum per request",
         f"load generator: {client_name}, on this machine too ('client CPU' = its CPU seconds per wall second); "
         "only meaningful on an idle machine (with the load average above the cores' count other jobs took CPU)",
     ]
     if client == "python":
-        notes.insert(1, "wrk is not installed: the Python load generator took most of a core and capped the ceiling "
-                        "(apt-get install wrk)")
+        why = f"{CLIENT_ENV}=python" if wrk.available() else "wrk is not installed (apt-get install wrk)"
+        notes.insert(1, f"{why}: the Python load generator takes most of a core and caps the ceiling")
     result = report("ceiling", "HTTP /classify vs the framework's ceiling (CPU)",
                     ["workers", "service", "worker processes", "worker CPU", "rounds counted", "req/s", "req/s range", "server CPU ms/req",
                      "vs ceiling", "vs ceiling range", "p50 ms", "p99 ms", "requests", "errors", "client CPU", "start s"],

@@ -2,7 +2,7 @@
 
 A worker's heap after start-up holds about half a million objects (torch, open_clip, BentoML,
 onnxruntime and the bundle's twin), none of which will ever be garbage. Each of Python's full
-garbage collections scans them all: 250 ms on 2 cores of an AMD EPYC, during which the event loop
+garbage collections scans them all: 250-320 ms on 2 cores of an AMD EPYC, during which the event loop
 answers no request. ``gc.freeze()`` moves them to the permanent generation, which collections skip,
 so a full collection scans only what was allocated since: a few ms while the heap stays flat.
 """

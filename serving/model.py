@@ -59,7 +59,7 @@ class Limits:
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
     # ONNX Runtime intra-op threads of the served graphs' CPU sessions; 0 = its default (one per
-    # physical core). Under concurrent load the server's batches are small (2 images on average at
+    # physical core). Under concurrent load the server's batches are small (2.1 images on average at
     # concurrency 32 with the default model), where a second thread buys little and costs CPU that
     # request handling needs: on 2 cores of an AMD EPYC, 1 thread ran the default model's batches of
     # 1-2 at 0.78-0.82 ms of CPU an image against 1.2-1.4 with 2 (see README, Performance).
