@@ -26,9 +26,9 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import time
 from pathlib import Path
+from statistics import median
 from unittest import mock
 
 import tools.launch
@@ -123,10 +123,6 @@ def measure(side: str, bundle: Path, workers: int, images: list[bytes], labels: 
             "startup_s": round(startup, 1), "log": log}
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def _spread(values: list[float], digits: int = 1) -> str:
     return f"{round(min(values), digits)}-{round(max(values), digits)}" if len(values) > 1 else ""
 
@@ -177,16 +173,16 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
             rows.append({"workers": workers, "service": "/classify (default model)" if runs is real else
                          "ceiling (decode + constant)", "worker processes": "/".join(str(m["worker_processes"]) for m in runs),
                          "worker CPU": ", ".join(" / ".join(map(str, m["worker_cpu"])) for m in runs),
-                         "req/s": round(_median(rates), 1), "req/s range": _spread(rates),
-                         "server CPU ms/req": round(_median(cpu_per_request), 2),
-                         "vs ceiling": (round(_median(ratios), 3) if paired else "n/a") if runs is real else 1,
+                         "req/s": round(median(rates), 1), "req/s range": _spread(rates),
+                         "server CPU ms/req": round(median(cpu_per_request), 2),
+                         "vs ceiling": (round(median(ratios), 3) if paired else "n/a") if runs is real else 1,
                          "vs ceiling range": _spread(ratios, 3) if runs is real else "",
                          "rounds counted": len(balanced) if balanced else f"0 (all {len(runs)} shown: one worker served)",
-                         "p50 ms": round(_median([m["p50_ms"] for m in counted]), 1),
-                         "p99 ms": round(_median([m["p99_ms"] for m in counted]), 1),
+                         "p50 ms": round(median([m["p50_ms"] for m in counted]), 1),
+                         "p99 ms": round(median([m["p99_ms"] for m in counted]), 1),
                          "requests": sum(m["requests"] for m in runs), "errors": sum(m["errors"] for m in runs),
-                         "client CPU": round(_median([m["client_cpu_fraction"] for m in runs]), 3),
-                         "start s": round(_median([m["startup_s"] for m in runs]), 1)})
+                         "client CPU": round(median([m["client_cpu_fraction"] for m in counted]), 3),
+                         "start s": round(median([m["startup_s"] for m in counted]), 1)})
             for m in runs:
                 if m["errors"]:
                     notes.append(f"{m['side']}, {workers} worker(s), round {m['round']}: {m['errors']} failed requests "
@@ -202,7 +198,7 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
                 if m.get("note"):
                     notes.append(f"{m['side']}, {workers} worker(s), round {m['round']}: {m['note']}")
         summary[f"/classify / ceiling, {workers} worker(s)"] = (
-            (f"{round(_median(ratios), 3)}" + (f" (rounds: {', '.join(str(round(r, 3)) for r in ratios)})" if len(ratios) > 1 else ""))
+            (f"{round(median(ratios), 3)}" + (f" (rounds: {', '.join(str(round(r, 3)) for r in ratios)})" if len(ratios) > 1 else ""))
             if paired else "not measured: in no round did every worker of both servers serve")
     summary["goal (issue #18)"] = f">= {GOAL} at concurrency {CONCURRENCY}"
     client_name = measured["classify", WORKER_COUNTS[0]][0]["client"]

@@ -210,7 +210,7 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
     allowed = set(providers) if providers else None
     cpu_session = (bundle.image_session if bundle.image_session.get_providers()[0] == "CPUExecutionProvider"
                    else None)
-    threads = getattr(bundle, "ort_threads", 0)  # CAPT_ORT_THREADS, as the bundle's own sessions
+    threads = bundle.ort_threads  # CAPT_ORT_THREADS, as for the bundle's own sessions
     x86 = hardware.arch.lower() in ("x86_64", "amd64", "i686", "x86")
     int8_ok = (x86 and hardware.avx2) or hardware.arch.lower() in ("aarch64", "arm64")
     cuda_reason = None
