@@ -8,10 +8,11 @@ served input are all in pixel space.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -25,20 +26,41 @@ class UnreadableImage(ValueError):
 def decode_image(data: bytes, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
     """Untrusted bytes -> RGB. ``max_bytes`` and ``max_pixels`` (the declared size, checked before the
     pixels are decoded) refuse large inputs; PIL's own decompression-bomb limit applies as well."""
+    return load_opened_image(open_image(data, max_bytes, max_pixels))
+
+
+def open_image(data: bytes, max_bytes: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """The first half of :func:`decode_image`: the header read and checked, the pixels not yet
+    decoded (``.size`` says how many there will be: the server decodes small images on its event loop
+    and large ones on a thread). Finish with :func:`load_opened_image`."""
     if not data:
         raise UnreadableImage("empty image upload")
     if max_bytes is not None and len(data) > max_bytes:
         raise UnreadableImage(f"image of {len(data)} bytes is over the limit of {max_bytes} bytes")
+    with _decoding_errors():
+        image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise UnreadableImage(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
+    return image
+
+
+def load_opened_image(image: Image.Image) -> Image.Image:
+    """An image from :func:`open_image`, decoded to RGB (the first frame, EXIF orientation applied)."""
+    with _decoding_errors():
+        image.seek(0)  # animated images: the first frame
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+@contextlib.contextmanager
+def _decoding_errors() -> Iterator[None]:
+    """PIL's errors and decompression-bomb warnings as UnreadableImage, with messages for clients."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if max_pixels is not None and width * height > max_pixels:
-                raise UnreadableImage(f"image of {width}x{height} pixels is over the limit of {max_pixels} pixels")
-            image.seek(0)  # animated images: the first frame
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            yield
     except UnreadableImage:
         raise
     except UnidentifiedImageError as err:  # PIL's message names an internal buffer object: not for clients
@@ -47,7 +69,6 @@ def decode_image(data: bytes, max_bytes: int | None = None, max_pixels: int | No
         raise UnreadableImage(f"not a readable image: {err}") from err
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt files
         raise UnreadableImage(f"corrupt or truncated image: {err}") from err
-    return to_rgb(image)
 
 
 def load_image_file(path: str | Path) -> Image.Image:
