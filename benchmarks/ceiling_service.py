@@ -6,12 +6,14 @@ and the middlewares allow on this machine before any model work.
 The same as the real service:
 - the BentoML service options: ``threads=16``, ``traffic={"timeout": 120, "max_concurrency": 64}``
   (read from ``Classifier``'s own config, so they cannot drift apart);
-- the endpoint: a sync ``@bentoml.api`` ``classify(images: list[Path], labels: list[str],
+- the endpoint: an async ``@bentoml.api`` ``classify(images: list[Path], labels: list[str],
   templates: list[str] | None = None, top_k: int = 5)``, with unknown fields refused
   (``extra="forbid"``), so BentoML parses and validates the same multipart form and spools each
-  upload to a temporary file;
-- the decoding: ``serving.images.read_upload`` with the same limits (``serving.model.Limits.from_env``)
-  and the same count checks as ``Classifier._decode``;
+  upload to a temporary file (an async endpoint, as ``Classifier.classify`` is: a sync one, run on
+  BentoML's thread pool, measured 0.7x as fast here);
+- the decoding: ``serving.images``' upload functions with the same limits (``serving.model.Limits.from_env``),
+  the same count checks as ``Classifier._check_uploads``, and the same choice of what the event loop
+  decodes itself and what goes to a thread;
 - the ASGI middlewares (``ApiKeyAuth``, ``BodySizeLimit``, ``MultipartBoundaryRequired``),
   ``harden_multipart``, ``cancel_request_timers`` and ``redact_request_errors``;
 - the heap frozen at the end of start-up (``serving.heap.freeze_startup_heap``).
@@ -29,11 +31,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import bentoml
+from starlette.concurrency import run_in_threadpool
 
 from serving.auth import ApiKeyAuth, load_api_keys
 from serving.errors import ClientError, RequestError
 from serving.huggingface import error_response
-from serving.images import read_upload
+from serving.images import decodes_inline, load_upload, open_upload, read_upload, reads_inline
 from serving.heap import freeze_startup_heap
 from serving.middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
     redact_request_errors
@@ -53,8 +56,8 @@ class Ceiling:
         freeze_startup_heap()
 
     @bentoml.api
-    def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None,
-                 top_k: int = 5) -> dict:
+    async def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None,
+                       top_k: int = 5) -> dict:
         """Decodes every upload as ``Classifier.classify`` does, then answers a constant."""
         try:
             limits = self.limits
@@ -63,7 +66,14 @@ class Ceiling:
             if len(images) > limits.max_images:
                 raise RequestError(f"too many images: {len(images)} > {limits.max_images}")
             for path in images:
-                read_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
+                if not reads_inline(path):
+                    await run_in_threadpool(read_upload, path, limits.max_upload_bytes, limits.max_image_pixels)
+                    continue
+                image = open_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
+                if decodes_inline(image):
+                    load_upload(image)
+                else:
+                    await run_in_threadpool(load_upload, image)
         except ClientError as err:
             return error_response(err)
         return ANSWER

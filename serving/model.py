@@ -20,7 +20,7 @@ from PIL import Image
 
 from capt.attacks import PGD
 from capt.data.templates import check_template
-from capt.hardware import autocast_factory, check_precision, detect, resolve_precision
+from capt.hardware import Hardware, autocast_factory, check_precision, detect, resolve_precision
 from capt.images import pixel_transform
 from capt.prompts import ZeroShotClassifier
 from export.bundle import cuda_unavailable_reason, load_bundle
@@ -58,11 +58,12 @@ class Limits:
     # where OpenMP teams measured slower than on a main thread: on 2 cores, 1 thread made a 10-step
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
-    # ONNX Runtime intra-op threads of the served graphs' CPU sessions; 0 = its default (one per
-    # physical core). Under concurrent load the server's batches are small (2.1 images on average at
-    # concurrency 32 with the default model), where a second thread buys little and costs CPU that
-    # request handling needs: on 2 cores of an AMD EPYC, 1 thread ran the default model's batches of
-    # 1-2 at 0.78-0.82 ms of CPU an image against 1.2-1.4 with 2 (see README, Performance).
+    # ONNX Runtime intra-op threads of the served graphs' CPU sessions; 0 = auto: one fewer than the
+    # usable cores, at least 1 (``serving_ort_threads``), because the worker's event loop needs a core
+    # of its own. ONNX Runtime's own default (a thread per physical core) took CPU that request handling
+    # needed: on 2 cores of an AMD EPYC, 1 thread ran the default model's batches of 1-2 at 0.95-1.1 ms
+    # of CPU an image against 1.6-2.1 with 2, and /classify served 1.25x the requests/s (see README,
+    # Performance). With several workers on a machine, give each about cores / workers.
     ort_threads: int = 0
     # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto is
     # bf16 on a CPU with native bf16 (capt.hardware), fp32 elsewhere. The judgement of the attack's final
@@ -86,6 +87,11 @@ class Limits:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def serving_ort_threads(hardware: Hardware) -> int:
+    """Auto intra-op threads for the served ONNX Runtime sessions: one core left to the event loop."""
+    return max(1, (hardware.usable_cores or 1) - 1)
 
 
 class _Autocast(torch.nn.Module):
@@ -163,6 +169,16 @@ class LabelCache:
         self._in_flight: dict[tuple, Future] = {}
         self._lock = threading.Lock()
 
+    def peek(self, key: tuple) -> np.ndarray | None:
+        """The cached value (a hit) or None, without waiting or computing (for an event loop, which
+        must not block: on None, call ``get_or_compute`` on a thread)."""
+        with self._lock:
+            if key not in self._entries:
+                return None
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return self._entries[key]
+
     def get_or_compute(self, key: tuple, compute: Callable[[], np.ndarray]) -> tuple[np.ndarray, bool]:
         """(value, hit): ``hit`` is False for the call that ran ``compute``, True otherwise."""
         with self._lock:
@@ -235,8 +251,10 @@ class ServingModel:
         parent already did (``bentoml serve`` checks once before starting its workers)."""
         self.limits = limits or Limits()
         if self.limits.ort_threads < 0:
-            raise ValueError(f"CAPT_ORT_THREADS must be >= 0 (0: ONNX Runtime's default), got {self.limits.ort_threads}")
-        self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.limits.ort_threads)
+            raise ValueError(f"CAPT_ORT_THREADS must be >= 0 (0: auto), got {self.limits.ort_threads}")
+        self.hardware = detect()
+        self.ort_threads = self.limits.ort_threads or serving_ort_threads(self.hardware)
+        self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads)
         self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.image_session, self.text_session = self.bundle.image_session, self.bundle.text_session
         self.provider = self.bundle.provider
@@ -248,7 +266,6 @@ class ServingModel:
         self.torch_model = self.bundle.twin
         # The served image encoder (serving/engine.py): ``engine`` or CAPT_ENGINE, default auto (a short
         # self-test of the paths this machine offers); an explicit one that cannot serve stops start-up.
-        self.hardware = detect()
         override = engine if engine is not None else os.environ.get("CAPT_ENGINE", "auto")
         self.engine, self.engine_report = choose_engine(self.bundle, self.hardware, override, providers)
         logger.info("image encoder: %s (%s)", self.engine.name, self.engine_report["reason"])
@@ -318,9 +335,11 @@ class ServingModel:
                 return self.encode_texts(labels)
             stacked = np.stack([self.encode_texts(labels, t) for t in templates]).mean(0)
             return stacked / np.linalg.norm(stacked, axis=-1, keepdims=True)
+        return self.label_cache.get_or_compute(self.label_cache_key(labels, templates), compute)
+
+    def label_cache_key(self, labels: Sequence[str], templates: Sequence[str] | None = None) -> tuple:
         # Templates that are not applied are not part of the key: the embeddings are the label set's own.
-        key = (tuple(labels), tuple(templates) if applied else ())
-        return self.label_cache.get_or_compute(key, compute)
+        return tuple(labels), tuple(templates) if self.templates_apply(templates) else ()
 
     # ---- classification -----------------------------------------------------------------------
     def classify_embeddings(self, image_embeddings: np.ndarray, labels: list[str], class_embeddings: np.ndarray,
@@ -344,20 +363,31 @@ class ServingModel:
                         encode: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
         """The classify endpoints' answer: ``predictions``, ``label_cache_hit`` (this request's own
         lookup) and ``templates_applied`` (with ``templates_note`` when given templates were ignored).
-        ``top_k=None`` ranks every label (the Hugging Face wire format answers them all)."""
+        ``top_k=None`` ranks every label (the Hugging Face wire format answers them all). The service's
+        multipart ``/classify`` takes the same steps on its event loop (``serving.service``)."""
+        labels, templates, top_k = self.check_classify_request(len(images), labels, templates, top_k)
+        # Labels first: one too long for the text context is refused before any image is encoded.
+        class_embeddings, hit = self.cached_class_embeddings(labels, templates)
+        embeddings = (encode or self.encode_images)(self.pixels(images))
+        return self.classify_result(embeddings, labels, class_embeddings, hit, templates, top_k)
+
+    def check_classify_request(self, n_images: int, labels: Sequence[str], templates: Sequence[str] | None,
+                               top_k: int | None) -> tuple[list[str], list[str] | None, int]:
+        """A classify request's labels, templates and ``top_k`` checked (400s), ``top_k=None`` resolved."""
         labels, templates = validate_labels(labels, templates, self.limits)
-        if not images:
+        if not n_images:
             raise RequestError("no image given")
-        if len(images) > self.limits.max_images:
-            raise RequestError(f"too many images: {len(images)} > {self.limits.max_images}")
+        if n_images > self.limits.max_images:
+            raise RequestError(f"too many images: {n_images} > {self.limits.max_images}")
         if top_k is None:
             top_k = len(labels)
         elif not 1 <= top_k <= self.limits.max_top_k:
             raise RequestError(f"top_k must be in 1..{self.limits.max_top_k}")
-        # Labels first: one too long for the text context is refused before any image is encoded.
-        class_embeddings, hit = self.cached_class_embeddings(labels, templates)
-        embeddings = (encode or self.encode_images)(self.pixels(images))
-        return {"predictions": self.classify_embeddings(np.asarray(embeddings), labels, class_embeddings, top_k),
+        return labels, templates, top_k
+
+    def classify_result(self, image_embeddings: np.ndarray, labels: list[str], class_embeddings: np.ndarray,
+                        hit: bool, templates: list[str] | None, top_k: int) -> dict:
+        return {"predictions": self.classify_embeddings(np.asarray(image_embeddings), labels, class_embeddings, top_k),
                 "label_cache_hit": hit, **self.templates_report(templates)}
 
     # ---- probe --------------------------------------------------------------------------------
@@ -651,6 +681,9 @@ class ServingModel:
                 "onnx_provider": self.provider, "onnx_provider_note": self.provider_note, "limits": self.limits.to_dict(),
                 "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},
                 "probes_run": self.probes_run, "torch_threads": torch.get_num_threads(),
+                "ort_threads": {"requested": self.limits.ort_threads, "used": self.ort_threads,
+                                "note": "intra-op threads of each ONNX Runtime CPU session; requested 0 = auto: "
+                                        "one fewer than the usable cores, at least 1"},
                 "image_engine": {**self.engine_report, "serving": self.engine.name},
                 "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
                                     "note": "autocast of the attack steps; the final image is judged in fp32"},

@@ -13,15 +13,19 @@ embeddings at ``/v1`` (``serving/openai_api.py``); optional API keys: ``serving/
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Callable, Literal
 
 import bentoml
+import numpy as np
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
 from capt import default_model
@@ -31,7 +35,7 @@ from . import huggingface, openai_api
 from .auth import ApiKeyAuth, describe as describe_api_keys, load_api_keys
 from .batching import MicroBatcher
 from .errors import ClientError, RequestError, error_response
-from .images import decode_base64_image, read_upload
+from .images import decode_base64_image, decodes_inline, load_upload, open_upload, read_upload, reads_inline
 from .heap import freeze_startup_heap
 from .middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
     redact_request_errors
@@ -59,6 +63,13 @@ class ClassifyJSON(BaseModel):
     labels: list[str] = Field(min_length=1)
     templates: list[str] | None = None
     top_k: int = 5
+
+
+def http_parser() -> str:
+    """The HTTP implementation uvicorn runs this worker with: it imports only the one it chose
+    (httptools where installed, else h11's pure Python)."""
+    loaded = [name for name in ("httptools", "h11") if f"uvicorn.protocols.http.{name}_impl" in sys.modules]
+    return loaded[0] if len(loaded) == 1 else "unknown"
 
 
 def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
@@ -104,6 +115,7 @@ class Classifier:
         # The wire formats of other clients (serving/huggingface.py, serving/openai_api.py).
         self.served_model_name = os.environ.get("CAPT_SERVED_MODEL_NAME") or self.model.manifest["model"]
         self.embedding_slots = threading.BoundedSemaphore(self.model.limits.max_concurrent_embeddings)
+        self.event_loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # BentoML builds us on it
         logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see (capt logs warnings)
         freeze_startup_heap()  # last: what start-up made is never garbage (serving/heap.py)
 
@@ -125,16 +137,50 @@ class Classifier:
         """Uploads are taken as files, not as BentoML-decoded images, so that every one goes through
         our limits (bytes, pixels, decompression bombs) before it is decoded."""
         limits = self.model.limits
+        return [read_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
+                for path in self._check_uploads(uploads)]
+
+    def _check_uploads(self, uploads: list[Path]) -> list[Path]:
         if not uploads:
             raise RequestError("no image given")
-        if len(uploads) > limits.max_images:
-            raise RequestError(f"too many images: {len(uploads)} > {limits.max_images}")
-        return [read_upload(path, limits.max_upload_bytes, limits.max_image_pixels) for path in uploads]
+        if len(uploads) > self.model.limits.max_images:
+            raise RequestError(f"too many images: {len(uploads)} > {self.model.limits.max_images}")
+        return uploads
 
     @bentoml.api
-    def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None, top_k: int = 5) -> dict:
-        """Multipart upload: one or more images and a label set -> labels ranked per image."""
-        return _answer(lambda: self._classify(self._decode(images), labels, templates, top_k))
+    async def classify(self, images: list[Path], labels: list[str], templates: list[str] | None = None,
+                       top_k: int = 5) -> dict:
+        """Multipart upload: one or more images and a label set -> labels ranked per image.
+
+        ``ServingModel.classify_answer``'s steps, on the event loop: a thread hop per request cost more
+        than the work of a small request (measured in README, Performance). What can take long runs on
+        a thread: large uploads (``serving.images``), a label set not in the cache (its text encoding),
+        and the image encoder (the micro-batcher's)."""
+        try:
+            model = self.model
+            pixels = [await self._upload_pixels(path) for path in self._check_uploads(images)]
+            labels, templates, top_k = model.check_classify_request(len(pixels), labels, templates, top_k)
+            class_embeddings = model.label_cache.peek(model.label_cache_key(labels, templates))
+            hit = class_embeddings is not None
+            if not hit:
+                class_embeddings, hit = await run_in_threadpool(model.cached_class_embeddings, labels, templates)
+            embeddings = await self.encode_images.encode_async(np.concatenate(pixels))
+            answer = model.classify_result(embeddings, labels, class_embeddings, hit, templates, top_k)
+        except ClientError as err:
+            return error_response(err)
+        self._count_label_lookup(hit)
+        return answer
+
+    async def _upload_pixels(self, path: Path) -> np.ndarray:
+        """One upload's model input ``[1, 3, H, W]``: small ones decoded on the loop, large ones on a thread."""
+        limits = self.model.limits
+        if not reads_inline(path):
+            return await run_in_threadpool(
+                lambda: self.model.pixels([read_upload(path, limits.max_upload_bytes, limits.max_image_pixels)]))
+        image = open_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
+        if not decodes_inline(image):
+            return await run_in_threadpool(lambda: self.model.pixels([load_upload(image)]))
+        return self.model.pixels([load_upload(image)])
 
     @bentoml.api
     def classify_json(self, request: ClassifyJSON) -> dict:
@@ -190,7 +236,7 @@ class Classifier:
 
     @bentoml.api(route="/info")
     def info(self) -> dict:
-        return self.model.info()
+        return {**self.model.info(), "server": {"event_loop": self.event_loop, "http_parser": http_parser()}}
 
 
 # Unknown fields are refused (400), not silently ignored: a misspelt "top_k" would otherwise pass.

@@ -1,3 +1,4 @@
+import asyncio
 import threading
 
 import numpy as np
@@ -13,86 +14,167 @@ class SlowDouble:
     def __init__(self):
         self.batches = []
         self.release = threading.Event()
+        self.started = threading.Event()
 
     def __call__(self, inputs):
         self.batches.append(len(inputs))
+        self.started.set()
         self.release.wait(timeout=10)
         return inputs * 2
 
 
-def call_concurrently(batcher, inputs_list):
-    results, errors = [None] * len(inputs_list), [None] * len(inputs_list)
-
-    def call(i):
-        try:
-            results[i] = batcher(inputs_list[i])
-        except Exception as err:  # noqa: BLE001 - checked by the test
-            errors[i] = err
-    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs_list))]
-    for thread in threads:
-        thread.start()
-    return threads, results, errors
-
-
-def wait_for_queue(batcher, jobs):
-    for _ in range(1000):
-        if batcher._jobs.qsize() >= jobs:
+async def until(condition, what: str) -> None:
+    for _ in range(2000):
+        if condition():
             return
-        threading.Event().wait(0.005)
-    raise AssertionError("callers never queued")
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def rows(*counts):
+    return [np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 100 * i for i, n in enumerate(counts)]
 
 
 def test_each_caller_gets_its_own_rows_and_waiting_callers_share_one_batch():
     encoder = SlowDouble()
     batcher = MicroBatcher(encoder, max_batch=64)
-    first = call_concurrently(batcher, [np.full((1, 3), -1.0)])
-    while not encoder.batches:
-        threading.Event().wait(0.005)
-    inputs = [np.arange(rows * 3, dtype=np.float32).reshape(rows, 3) + 100 * i for i, rows in enumerate([1, 2, 3, 1])]
-    threads, results, errors = call_concurrently(batcher, inputs)
-    wait_for_queue(batcher, len(inputs))
-    encoder.release.set()
-    for thread in first[0] + threads:
-        thread.join(timeout=10)
-    assert errors == [None] * 4
+    inputs = rows(1, 2, 3, 1)
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.encode_async(np.full((1, 3), -1.0)))
+        await until(encoder.started.is_set, "the first batch")
+        waiting = [asyncio.ensure_future(batcher.encode_async(x)) for x in inputs]
+        await until(lambda: len(batcher._pending) == len(inputs), "the callers to queue")
+        encoder.release.set()
+        return await first, await asyncio.gather(*waiting)
+
+    first, results = asyncio.run(scenario())
+    np.testing.assert_array_equal(first, np.full((1, 3), -2.0))
     for given, got in zip(inputs, results):
         np.testing.assert_array_equal(got, given * 2)
-    np.testing.assert_array_equal(first[1][0], np.full((1, 3), -2.0))
     assert encoder.batches == [1, 7]
 
 
 def test_a_batch_stops_at_max_batch_rows_without_splitting_a_job():
     encoder = SlowDouble()
     batcher = MicroBatcher(encoder, max_batch=4)
-    blocker = call_concurrently(batcher, [np.zeros((1, 2))])
-    while not encoder.batches:
-        threading.Event().wait(0.005)
-    threads, results, errors = call_concurrently(batcher, [np.ones((3, 2))] * 3)
-    wait_for_queue(batcher, 3)
-    encoder.release.set()
-    for thread in blocker[0] + threads:
-        thread.join(timeout=10)
-    assert errors == [None] * 3
+
+    async def scenario():
+        blocker = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
+        await until(encoder.started.is_set, "the first batch")
+        waiting = [asyncio.ensure_future(batcher.encode_async(np.ones((3, 2)))) for _ in range(3)]
+        await until(lambda: len(batcher._pending) == 3, "the callers to queue")
+        encoder.release.set()
+        await blocker
+        return await asyncio.gather(*waiting)
+
+    results = asyncio.run(scenario())
+    assert [r.shape for r in results] == [(3, 2)] * 3
     assert encoder.batches == [1, 6, 3]  # 3+3 passes 4 rows: the batch closes; the third job runs next
+
+
+def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
+    encoder = SlowDouble()
+    batcher = MicroBatcher(encoder)
+
+    async def scenario():
+        blocker = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
+        await until(encoder.started.is_set, "the first batch")
+        gone = asyncio.ensure_future(batcher.encode_async(np.zeros((5, 2))))
+        kept = asyncio.ensure_future(batcher.encode_async(np.ones((2, 2))))
+        await until(lambda: len(batcher._pending) == 2, "the callers to queue")
+        gone.cancel()  # what the server does to a request whose client disconnected
+        encoder.release.set()
+        await blocker
+        return await kept
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.full((2, 2), 2.0))
+    assert encoder.batches == [1, 2]
+
+
+def test_sync_callers_on_other_threads_join_the_event_loops_batches():
+    encoder = SlowDouble()
+    batcher = MicroBatcher(encoder)
+    results = {}
+
+    def sync_call(name, value):
+        results[name] = batcher(np.full((1, 3), value))
+
+    async def scenario():
+        blocker = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 3))))
+        await until(encoder.started.is_set, "the first batch")
+        threads = [threading.Thread(target=sync_call, args=(f"thread {i}", i)) for i in (1, 2)]
+        for thread in threads:
+            thread.start()
+        awaited = asyncio.ensure_future(batcher.encode_async(np.full((1, 3), 3.0)))
+        await until(lambda: len(batcher._pending) == 3, "all three callers to queue")
+        encoder.release.set()
+        await blocker
+        result = await awaited
+        await asyncio.get_running_loop().run_in_executor(None, lambda: [t.join(10) for t in threads])
+        return result
+
+    awaited = asyncio.run(scenario())
+    assert encoder.batches == [1, 3]
+    np.testing.assert_array_equal(awaited, np.full((1, 3), 6.0))
+    np.testing.assert_array_equal(results["thread 1"], np.full((1, 3), 2.0))
+    np.testing.assert_array_equal(results["thread 2"], np.full((1, 3), 4.0))
+
+
+def test_without_a_running_event_loop_a_sync_call_runs_the_encoder_itself():
+    sizes = []
+    batcher = MicroBatcher(lambda inputs: inputs + 1, on_batch=sizes.append)
+    np.testing.assert_array_equal(batcher(np.zeros((2, 2))), np.ones((2, 2)))
+    asyncio.run(batcher.encode_async(np.zeros((1, 2))))  # a loop that has ended since
+    np.testing.assert_array_equal(batcher(np.zeros((3, 2))), np.ones((3, 2)))
+    assert sizes == [1]  # only the batch formed on the loop is reported
+
+
+def test_a_sync_call_on_the_event_loop_itself_is_refused_not_a_deadlock():
+    batcher = MicroBatcher(lambda inputs: inputs)
+
+    async def scenario():
+        await batcher.encode_async(np.zeros((1, 1)))
+        batcher(np.zeros((1, 1)))
+
+    with pytest.raises(RuntimeError, match="await encode_async"):
+        asyncio.run(scenario())
 
 
 def test_an_encoder_error_reaches_every_caller_of_that_batch_and_the_batcher_goes_on():
     calls = []
+    release = threading.Event()
 
     def flaky(inputs):
         calls.append(len(inputs))
-        if len(calls) == 1:
+        release.wait(timeout=10)
+        if len(calls) == 2:
             raise ValueError("bad batch")
         return inputs + 1
 
     batcher = MicroBatcher(flaky)
-    with pytest.raises(ValueError, match="bad batch"):
-        batcher(np.zeros((2, 2)))
-    np.testing.assert_array_equal(batcher(np.zeros((1, 2))), np.ones((1, 2)))
+
+    async def scenario():
+        first = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
+        await until(lambda: calls, "the first batch")
+        doomed = [asyncio.ensure_future(batcher.encode_async(np.zeros((n, 2)))) for n in (1, 2)]
+        await until(lambda: len(batcher._pending) == 2, "the callers to queue")
+        release.set()
+        outcomes = await asyncio.gather(first, *doomed, return_exceptions=True)
+        after = await batcher.encode_async(np.zeros((1, 2)))
+        return outcomes, after
+
+    outcomes, after = asyncio.run(scenario())
+    np.testing.assert_array_equal(outcomes[0], np.ones((1, 2)))
+    assert [type(o) for o in outcomes[1:]] == [ValueError, ValueError]
+    assert calls == [1, 3, 1]
+    np.testing.assert_array_equal(after, np.ones((1, 2)))
 
 
 def test_an_encoder_that_drops_rows_is_an_error_not_a_misaligned_answer():
     batcher = MicroBatcher(lambda inputs: inputs[:-1])
+    with pytest.raises(RuntimeError, match="returned 1 rows for 2 inputs"):
+        asyncio.run(batcher.encode_async(np.zeros((2, 2))))
     with pytest.raises(RuntimeError, match="returned 1 rows for 2 inputs"):
         batcher(np.zeros((2, 2)))
 
@@ -100,6 +182,21 @@ def test_an_encoder_that_drops_rows_is_an_error_not_a_misaligned_answer():
 def test_on_batch_is_told_each_batch_size():
     sizes = []
     batcher = MicroBatcher(lambda inputs: inputs, on_batch=sizes.append)
-    batcher(np.zeros((5, 1)))
-    batcher(np.zeros((2, 1)))
+
+    async def scenario():
+        await batcher.encode_async(np.zeros((5, 1)))
+        await batcher.encode_async(np.zeros((2, 1)))
+
+    asyncio.run(scenario())
     assert sizes == [5, 2]
+
+
+def test_a_batcher_made_on_an_event_loop_serves_it_before_its_first_await():
+    sizes = []
+
+    async def scenario():
+        batcher = MicroBatcher(lambda inputs: inputs + 1, on_batch=sizes.append)  # as Classifier.__init__ does
+        return await asyncio.get_running_loop().run_in_executor(None, batcher, np.zeros((2, 2)))
+
+    np.testing.assert_array_equal(asyncio.run(scenario()), np.ones((2, 2)))
+    assert sizes == [2]  # through the loop's batches, not beside them

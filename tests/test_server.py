@@ -4,6 +4,7 @@ import io
 import json
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -24,6 +25,8 @@ def test_health_and_metrics(server):
     assert info["limits"]["max_probe_seconds"] == 4 and info["limits"]["max_request_bytes"] == 8_000_000
     assert {"max_image_pixels", "max_upload_bytes", "max_labels", "max_probe_eps", "max_probe_steps",
             "max_concurrent_probes"} <= set(info["limits"])
+    # The C event loop and HTTP parser (requirements.txt), not asyncio's and h11's pure Python.
+    assert info["server"] == {"event_loop": "uvloop", "http_parser": "httptools"}
 
 
 def test_two_label_sets_two_answers(server):
@@ -161,3 +164,26 @@ def test_model_names_never_become_paths_outside_the_store():
     for tag in ("../../etc/passwd", "..:latest", "/etc:latest", "capt/../../x:1"):
         with pytest.raises((ValueError, bentoml.exceptions.BentoMLException)):
             bundle_path_from_store(tag)
+
+
+def test_uploads_decoded_on_a_thread_get_the_answers_of_those_decoded_on_the_event_loop(server):
+    """/classify decodes small uploads on its event loop and large ones (bytes or pixels) on a thread
+    (serving.images); classify_json decodes every image on a thread. The answers must not depend on it."""
+    from serving.images import INLINE_DECODE_PIXELS, INLINE_UPLOAD_BYTES
+    generator = np.random.default_rng(0)
+    small = toy_image("star", "blue")
+    many_pixels = small.resize((600, 600))  # > INLINE_DECODE_PIXELS, a small file
+    noisy = Image.fromarray(generator.integers(0, 256, (400, 400, 3), dtype=np.uint8))  # > INLINE_UPLOAD_BYTES
+    uploads = [png_bytes(image) for image in (small, many_pixels, noisy)]
+    assert len(uploads[0]) <= INLINE_UPLOAD_BYTES and 64 * 64 <= INLINE_DECODE_PIXELS
+    assert len(uploads[1]) <= INLINE_UPLOAD_BYTES and 600 * 600 > INLINE_DECODE_PIXELS
+    assert len(uploads[2]) > INLINE_UPLOAD_BYTES
+    labels = list(SHAPES)
+    multipart = post_classify(server.url, uploads, labels, top_k=len(labels))
+    body = {"request": {"images": [base64.b64encode(data).decode() for data in uploads], "labels": labels,
+                        "top_k": len(labels)}}
+    in_json = httpx.post(f"{server.url}/classify_json", json=body, timeout=60)
+    assert multipart.status_code == 200 and in_json.status_code == 200, (multipart.text, in_json.text)
+    for got, expected in zip(multipart.json()["predictions"], in_json.json()["predictions"]):
+        assert [p["label"] for p in got] == [p["label"] for p in expected]
+        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in expected], abs=1e-6)

@@ -8,7 +8,8 @@ import torch
 
 from conftest import toy_image
 from serving.errors import Busy, ProbeTimeout, RequestError
-from serving.model import Limits, ServingModel
+from capt.hardware import Hardware
+from serving.model import Limits, ServingModel, serving_ort_threads
 from capt.data.toyworld import COLOURS, SHAPES, ToyWorldTask
 
 
@@ -273,8 +274,22 @@ def test_onnx_runtime_threads_of_the_served_sessions_come_from_the_limits(defaul
     one = ServingModel(default_bundle, Limits(ort_threads=1), check_twin=False)
     for session in (one.image_session, one.text_session, one.engine.session):
         assert session.get_session_options().intra_op_num_threads == 1
-    assert served.image_session.get_session_options().intra_op_num_threads == 0  # ONNX Runtime's default
+    assert one.info()["ort_threads"]["used"] == 1
     image = toy_image("star", "blue")
     assert one.encode_images(one.pixels([image])) == pytest.approx(served.encode_images_exported(served.pixels([image])), abs=1e-5)
     with pytest.raises(ValueError, match="CAPT_ORT_THREADS must be >= 0"):
         ServingModel(default_bundle, Limits(ort_threads=-1), check_twin=False)
+
+
+@pytest.mark.parametrize("usable, threads", [(1, 1), (2, 1), (16, 15), (None, 1)])
+def test_auto_onnx_runtime_threads_leave_the_event_loop_a_core(usable, threads):
+    assert serving_ort_threads(Hardware(usable_cores=usable)) == threads
+
+
+def test_the_served_sessions_use_the_auto_threads_by_default(served):
+    expected = serving_ort_threads(served.hardware)
+    assert served.limits.ort_threads == 0 and served.ort_threads == expected
+    for session in (served.image_session, served.text_session):
+        assert session.get_session_options().intra_op_num_threads == expected
+    reported = served.info()["ort_threads"]
+    assert (reported["requested"], reported["used"]) == (0, expected)
