@@ -8,7 +8,7 @@ The same as the real service:
   (read from ``Classifier``'s own config, so they cannot drift apart);
 - the endpoint: an async ``@bentoml.api`` ``classify(images: list[Path], labels: list[str],
   templates: list[str] | None = None, top_k: int = 5)``, with unknown fields refused
-  (``extra="forbid"``), so BentoML parses and validates the same multipart form and spools each
+  (``extra="forbid"``, ``prepare_api_specs``), so BentoML parses and validates the same multipart form and spools each
   upload to a temporary file (an async endpoint, as ``Classifier.classify`` is: a sync one, run on
   BentoML's thread pool, measured 0.7x as fast here);
 - the decoding: ``serving.images``' upload functions with the same limits (``serving.model.Limits.from_env``),
@@ -39,7 +39,7 @@ from serving.huggingface import error_response
 from serving.images import decodes_inline, load_upload, open_upload, read_upload, reads_inline
 from serving.heap import freeze_startup_heap
 from serving.middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
-    redact_request_errors
+    prepare_api_specs, redact_request_errors
 from serving.model import Limits
 from serving.service import Classifier
 
@@ -79,9 +79,7 @@ class Ceiling:
         return ANSWER
 
 
-for _api in Ceiling.apis.values():
-    _api.input_spec.model_config["extra"] = "forbid"
-    _api.input_spec.model_rebuild(force=True)
+prepare_api_specs(Ceiling)
 Ceiling.add_asgi_middleware(ApiKeyAuth, keys=load_api_keys())
 Ceiling.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
 Ceiling.add_asgi_middleware(MultipartBoundaryRequired)

@@ -347,3 +347,20 @@ def cancel_request_timers() -> None:
             timer.cancel()
 
     middleware.__call__ = call_with_cancelled_timer
+
+
+def prepare_api_specs(service) -> None:
+    """Every endpoint of a BentoML service (``service.apis``): unknown fields refused (400), not silently
+    ignored (a misspelt "top_k" would otherwise pass); and each answer's media type worked out once.
+    BentoML's ``mime_type()`` builds the output's JSON schema (a pydantic ``TypeAdapter``) for every
+    response whose spec sets no ``media_type``: about a tenth of the event loop's time per request here.
+    The computed value is stored as the spec's ``media_type``, which ``mime_type()`` returns first."""
+    for api in service.apis.values():
+        api.input_spec.model_config["extra"] = "forbid"
+        api.input_spec.model_rebuild(force=True)
+        output = api.output_spec
+        if not hasattr(output, "media_type") or not callable(getattr(output, "mime_type", None)):
+            raise _refuse_patch("an endpoint's output spec", "has no media_type or mime_type()",
+                                "would build a JSON schema for every answer")
+        if output.media_type is None:
+            output.media_type = output.mime_type()

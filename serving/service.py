@@ -38,7 +38,7 @@ from .errors import ClientError, RequestError, error_response
 from .images import decode_base64_image, decodes_inline, load_upload, open_upload, read_upload, reads_inline
 from .heap import freeze_startup_heap
 from .middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
-    redact_request_errors
+    prepare_api_specs, redact_request_errors
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
@@ -239,10 +239,7 @@ class Classifier:
         return {**self.model.info(), "server": {"event_loop": self.event_loop, "http_parser": http_parser()}}
 
 
-# Unknown fields are refused (400), not silently ignored: a misspelt "top_k" would otherwise pass.
-for _api in Classifier.apis.values():
-    _api.input_spec.model_config["extra"] = "forbid"
-    _api.input_spec.model_rebuild(force=True)
+prepare_api_specs(Classifier)
 Classifier.add_asgi_middleware(ApiKeyAuth, keys=API_KEYS)  # first: a request without a key gets no further
 Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_request_bytes)
 Classifier.add_asgi_middleware(MultipartBoundaryRequired)

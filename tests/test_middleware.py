@@ -153,3 +153,17 @@ def test_the_redaction_filter_is_added_once(monkeypatch):
     redact_request_errors()
     redact_request_errors()
     assert [type(f) for f in logger.filters] == [middleware._RedactValidationErrors]
+
+
+def test_each_answers_media_type_is_worked_out_once_and_is_what_bentoml_would_compute(monkeypatch):
+    from serving.service import Classifier
+    for name, api in Classifier.apis.items():
+        spec = api.output_spec
+        stored = spec.media_type
+        assert stored is not None, name
+        with monkeypatch.context() as patched:
+            patched.setattr(spec, "media_type", None)
+            assert spec.mime_type() == stored, name  # BentoML's own answer, from the JSON schema
+        with monkeypatch.context() as patched:
+            patched.setattr(spec, "model_json_schema", classmethod(lambda cls, *a, **k: pytest.fail("schema per answer")))
+            assert spec.mime_type() == stored, name
