@@ -211,7 +211,8 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
         "other, never together; figures are medians over rounds, ranges are min-max over rounds, and 'vs ceiling' "
         "pairs each round's two sides; with 2 workers, only rounds where every worker served count ('rounds counted')",
         "ceiling = benchmarks/ceiling_service.py: the same BentoML options, endpoint signature, middlewares, patches and "
-        "image decoder (serving.images.read_upload, same limits), then a constant answer: no model work",
+        "upload decoding (serving.images, same limits, the same loop/thread split), an async endpoint like "
+        "Classifier.classify, then a constant answer: no model work",
         "'worker processes' = the `bentoml serve` process's worker children counted in /proc; 'worker CPU' = each "
         "one's CPU seconds per wall second during the measured window, per round (0.0: that worker served "
         "nothing); 'server CPU ms/req' = their sum per request",

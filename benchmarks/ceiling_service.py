@@ -10,7 +10,7 @@ The same as the real service:
   templates: list[str] | None = None, top_k: int = 5)``, with unknown fields refused
   (``extra="forbid"``, ``prepare_api_specs``), so BentoML parses and validates the same multipart form and spools each
   upload to a temporary file (an async endpoint, as ``Classifier.classify`` is: a sync one, run on
-  BentoML's thread pool, measured 0.7x as fast here);
+  BentoML's thread pool, measured 0.63-0.79x as fast here);
 - the decoding: ``serving.images``' upload functions with the same limits (``serving.model.Limits.from_env``),
   the same count checks as ``Classifier._check_uploads``, and the same choice of what the event loop
   decodes itself and what goes to a thread;
