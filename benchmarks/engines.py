@@ -24,9 +24,9 @@ WITHIN = 0.10
 LARGE_MODEL = "ViT-B-32"
 
 
-def _bundle(path: str):
+def _bundle(path: str, ort_threads: int = 0):
     from export.bundle import load_bundle
-    return load_bundle(path, ["CPUExecutionProvider"], check=False)
+    return load_bundle(path, ["CPUExecutionProvider"], check=False, ort_threads=ort_threads)
 
 
 def worker_engine(config: dict) -> dict:
@@ -37,7 +37,7 @@ def worker_engine(config: dict) -> dict:
     from capt.hardware import detect
     from export.onnx_export import top1_agreement
     from serving.engine import batch_dependence, candidates, sample_set
-    bundle = _bundle(config["bundle"])
+    bundle = _bundle(config["bundle"], config.get("ort_threads", 0))
     candidate = {c.name: c for c in candidates(bundle, detect())}[config["engine"]]
     engine = candidate.build()
     samples, text, source = sample_set(bundle, config["samples"])
@@ -62,15 +62,22 @@ def worker_engine(config: dict) -> dict:
 
 
 def worker_auto(config: dict) -> dict:
-    """What the server picks at start-up (``choose_engine`` with auto), and how long that took."""
+    """What the server picks at start-up (``ServingModel``'s steps: ``choose_ort_threads``, then
+    ``choose_engine`` with auto on sessions with those threads), and how long that took."""
     import time
 
     from capt.hardware import detect
-    from serving.engine import choose_engine
-    bundle = _bundle(config["bundle"])
+    from export.bundle import IMAGE_ONNX
+    from serving.engine import choose_engine, choose_ort_threads
+    hardware = detect()
     started = time.perf_counter()
-    engine, chosen = choose_engine(bundle, detect(), "auto")
-    return {"engine": engine.name, "report": chosen, "seconds": round(time.perf_counter() - started, 2)}
+    manifest = json.loads((Path(config["bundle"]) / "manifest.json").read_text())
+    threads, threads_report = choose_ort_threads(Path(config["bundle"]) / IMAGE_ONNX,
+                                                 manifest["inputs"]["image"]["shape"][-1], hardware.usable_cores or 1)
+    bundle = _bundle(config["bundle"], threads)
+    engine, chosen = choose_engine(bundle, hardware, "auto")
+    return {"engine": engine.name, "ort_threads": threads, "ort_threads_report": threads_report, "report": chosen,
+            "seconds": round(time.perf_counter() - started, 2)}
 
 
 WORKERS = {"engine": worker_engine, "auto": worker_auto}
@@ -103,6 +110,10 @@ def run(quick: bool) -> dict:
                 except Exception as err:  # noqa: BLE001 - a path that cannot run here is a row that says why
                     measured[name] = {"error": error_text(err)}
             auto = run_worker("engines", "auto", {"bundle": str(bundle)})
+            # The served path as it is served: with the threads auto chose (the rows above: ONNX Runtime's default).
+            served_name = f"{auto['engine']} served ({auto['ort_threads']} ONNX Runtime threads)"
+            measured[served_name] = run_worker("engines", "engine", {
+                **base, "engine": auto["engine"], "ort_threads": auto["ort_threads"], "reference": reference_path})
         reference = measured["onnx-fp32"]["throughput"]
         safe = {n: m for n, m in measured.items() if "throughput" in m and m["top1_agreement"] >= SAFE_AGREEMENT
                 and m["batch_max_abs_diff"] <= MAX_BATCH_DIFF}
@@ -120,27 +131,30 @@ def run(quick: bool) -> dict:
             row["batch diff"] = float(f"{entry['batch_max_abs_diff']:.2g}")
             row["safe"] = "yes" if name in safe else "no"
             row["capability says"] = "applies" if entry["applies"] else "not offered by auto"
-            row["served (auto)"] = "**served**" if name == auto["engine"] else ""
+            row["served (auto)"] = "**served**" if name == served_name else ""
             rows.append(row)
-        chosen = auto["engine"]
         for batch in BATCHES:
             fastest = max(safe, key=lambda n: safe[n]["throughput"][str(batch)])
-            served = safe.get(chosen, measured.get(chosen, {})).get("throughput", {}).get(str(batch))
+            served = measured[served_name].get("throughput", {}).get(str(batch))
             share = ratio(served, safe[fastest]["throughput"][str(batch)])
-            summary[f"{model_name} b{batch}: served {chosen} / fastest safe {fastest}"] = share
+            summary[f"{model_name} b{batch}: {served_name} / fastest safe {fastest}"] = share
             summary[f"{model_name} b{batch}: served within 10% of fastest safe"] = (
                 "yes" if share is not None and share >= 1 - WITHIN else "no")
         summary[f"{model_name}: start-up choice seconds"] = auto["seconds"]
-        choices[model_name] = auto["report"]
+        summary[f"{model_name}: ONNX Runtime threads"] = f"{auto['ort_threads']}: {auto['ort_threads_report']['reason']}"
+        choices[model_name] = {"engine": auto["report"], "ort_threads": auto["ort_threads_report"]}
     columns = ["model", "path", *[f"{k} b{b}" for b in BATCHES for k in ("img/s", "vs fp32")], "top-1 agree",
                "near ties", "batch diff", "safe", "capability says", "served (auto)", "note"]
     notes = [f"safe: top-1 agreement with the fp32 graph >= {SAFE_AGREEMENT:.0%} on the bundle's sample images "
              f"({samples} for the default model, {min(samples, 32)} for {LARGE_MODEL}), near ties aside, and batch "
              f"invariance (`batch diff`: max |alone - in batch| of normalised embeddings <= {MAX_BATCH_DIFF:g}, "
              "as the server's self-test: a micro-batched server must not answer by other requests)",
-             "served (auto): what `choose_engine` picked in its own short self-test at start-up (a few seconds, "
-             "geometric mean of batch 1 and its sample batch, a reduced path must gain 10% over fp32); the "
-             "figures of the row are this benchmark's longer timing",
+             "served (auto): what the server runs: the ONNX Runtime threads `choose_ort_threads` picked (one core "
+             "left to the event loop unless the encoder runs 1.3x faster on all), and the path `choose_engine` "
+             "picked in its own short self-test at start-up (a few seconds, geometric mean of batch 1 and its "
+             "sample batch, a reduced path must gain 10% over fp32); the figures of the row are this benchmark's "
+             "longer timing; the other rows run with ONNX Runtime's default threads (one per core), as an "
+             "encoder alone would",
              "every path is timed here whatever auto would offer (`capability says`), so that a path that "
              "capability rules out is seen to be slower, not assumed so",
              "GPU paths (onnx-cuda-fp32, onnx-cuda-fp16, tensorrt) are coded in serving/engine.py; they are "

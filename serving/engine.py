@@ -244,6 +244,60 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
     ]
 
 
+# ---- ONNX Runtime threads -------------------------------------------------------------------------
+# Auto intra-op threads of the served CPU sessions: one core is left to the worker's event loop, which
+# is bound by one core (Python's GIL) and does the request handling, unless the image encoder itself is
+# what limits the server (a large model on few cores): then every core. Measured on 2 cores of an AMD
+# EPYC with the default model: 1 thread ran batches of 1-8 at 0.95-1.1 ms of CPU an image against
+# 1.45-2.05 ms on 2 (wall time 0.95 against 1.51 ms at batch 1), and /classify served 1.25x the
+# requests/s with 1 (README, Performance).
+ALL_CORES_SPEEDUP = 1.3  # all cores are used only if the encoder runs this much faster on them
+THREAD_TEST_BATCHES = (1, 8)
+
+
+def ort_threads_choice(cores: int, seconds: dict[int, dict[int, float]] | None = None) -> tuple[int, str]:
+    """(threads, why) from the encoder's best times ``seconds[threads][batch]`` with ``cores - 1`` and
+    ``cores`` threads; ``seconds`` None where no measurement can change the answer."""
+    fewer = max(1, cores - 1)
+    if fewer == cores:
+        return cores, "one usable core"
+    if cores / fewer < ALL_CORES_SPEEDUP:
+        return fewer, (f"one core left to the event loop: {cores} cores could run the encoder at most "
+                       f"{cores / fewer:.2f}x faster than {fewer}, under the {ALL_CORES_SPEEDUP}x that would pay for it")
+    speedup = float(np.exp(np.mean([np.log(seconds[fewer][b] / seconds[cores][b]) for b in seconds[fewer]])))
+    if speedup >= ALL_CORES_SPEEDUP:
+        return cores, (f"every core: the encoder ran {speedup:.2f}x faster on {cores} threads than on {fewer} "
+                       f"(geometric mean of batches {', '.join(map(str, seconds[fewer]))}), so it limits the server")
+    return fewer, (f"one core left to the event loop: the encoder ran only {speedup:.2f}x faster on {cores} threads "
+                   f"than on {fewer} (under {ALL_CORES_SPEEDUP}x)")
+
+
+def choose_ort_threads(graph: Path, image_size: int, cores: int, budget_s: float = 2.0) -> tuple[int, dict]:
+    """Auto ONNX Runtime threads for the served graphs (``ort_threads_choice``), timing the image
+    encoder ``graph`` with ``cores - 1`` and ``cores`` threads where that can change the answer
+    (within about ``budget_s`` of runs, plus two session starts)."""
+    started = time.perf_counter()
+    fewer = max(1, cores - 1)
+    seconds = None
+    if fewer != cores and cores / fewer >= ALL_CORES_SPEEDUP:
+        rng = np.random.default_rng(0)
+        inputs = {b: rng.random((b, 3, image_size, image_size), dtype=np.float32) for b in THREAD_TEST_BATCHES}
+        seconds = {}
+        for threads in (fewer, cores):
+            session = _session(graph, "CPUExecutionProvider", threads)
+            seconds[threads] = {}
+            for batch, pixels in inputs.items():
+                session.run(None, {"pixels": pixels})  # warm-up
+                seconds[threads][batch] = _best_time(lambda: session.run(None, {"pixels": pixels}),
+                                                     budget_s / (2 * len(inputs)), minimum=2)
+    threads, reason = ort_threads_choice(cores, seconds)
+    report = {"used": threads, "reason": reason, "seconds": round(time.perf_counter() - started, 3)}
+    if seconds:
+        report["images_per_s"] = {str(t): {str(b): round(b / s, 1) for b, s in by_batch.items()}
+                                  for t, by_batch in seconds.items()}
+    return threads, report
+
+
 # ---- self-test ------------------------------------------------------------------------------------
 def sample_set(bundle, count: int = DEFAULT_SAMPLES) -> tuple[np.ndarray, np.ndarray, str]:
     """(pixels [N, 3, S, S], class embeddings of the manifest's labels, what the images are): the

@@ -20,14 +20,14 @@ from PIL import Image
 
 from capt.attacks import PGD
 from capt.data.templates import check_template
-from capt.hardware import Hardware, autocast_factory, check_precision, detect, resolve_precision
+from capt.hardware import autocast_factory, check_precision, detect, resolve_precision
 from capt.images import pixel_transform
 from capt.prompts import ZeroShotClassifier
-from export.bundle import cuda_unavailable_reason, load_bundle
+from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, verify_bundle
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
-from .engine import REFERENCE, choose_engine
+from .engine import REFERENCE, choose_engine, choose_ort_threads
 from .errors import Busy, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -59,11 +59,9 @@ class Limits:
     # probe of the default model about 2x faster over HTTP. Large models on many cores want the default.
     probe_threads: int = 0
     # ONNX Runtime intra-op threads of the served graphs' CPU sessions; 0 = auto: one fewer than the
-    # usable cores, at least 1 (``serving_ort_threads``), because the worker's event loop needs a core
-    # of its own. ONNX Runtime's own default (a thread per physical core) took CPU that request handling
-    # needed: on 2 cores of an AMD EPYC, 1 thread ran the default model's batches of 1-2 at 0.95-1.1 ms
-    # of CPU an image against 1.6-2.1 with 2, and /classify served 1.25x the requests/s (see README,
-    # Performance). With several workers on a machine, give each about cores / workers.
+    # usable cores (the worker's event loop needs a core of its own), or all of them where the image
+    # encoder measured at least 1.3x faster on them at start (``serving.engine.choose_ort_threads``).
+    # With several workers on a machine, give each about cores / workers.
     ort_threads: int = 0
     # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto is
     # bf16 on a CPU with native bf16 (capt.hardware), fp32 elsewhere. The judgement of the attack's final
@@ -87,11 +85,6 @@ class Limits:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def serving_ort_threads(hardware: Hardware) -> int:
-    """Auto intra-op threads for the served ONNX Runtime sessions: one core left to the event loop."""
-    return max(1, (hardware.usable_cores or 1) - 1)
 
 
 class _Autocast(torch.nn.Module):
@@ -253,7 +246,13 @@ class ServingModel:
         if self.limits.ort_threads < 0:
             raise ValueError(f"CAPT_ORT_THREADS must be >= 0 (0: auto), got {self.limits.ort_threads}")
         self.hardware = detect()
-        self.ort_threads = self.limits.ort_threads or serving_ort_threads(self.hardware)
+        self.ort_threads_report = {"used": self.limits.ort_threads, "reason": "CAPT_ORT_THREADS"}
+        if not self.limits.ort_threads:  # auto (serving/engine.py), timed on the verified graph
+            manifest = verify_bundle(bundle_dir)
+            self.ort_threads_report = choose_ort_threads(Path(bundle_dir) / IMAGE_ONNX,
+                                                         manifest["inputs"]["image"]["shape"][-1],
+                                                         self.hardware.usable_cores or 1)[1]
+        self.ort_threads = self.ort_threads_report["used"]
         self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads)
         self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.image_session, self.text_session = self.bundle.image_session, self.bundle.text_session
@@ -681,9 +680,9 @@ class ServingModel:
                 "onnx_provider": self.provider, "onnx_provider_note": self.provider_note, "limits": self.limits.to_dict(),
                 "label_cache": {"hits": self.label_cache.hits, "misses": self.label_cache.misses},
                 "probes_run": self.probes_run, "torch_threads": torch.get_num_threads(),
-                "ort_threads": {"requested": self.limits.ort_threads, "used": self.ort_threads,
+                "ort_threads": {"requested": self.limits.ort_threads, **self.ort_threads_report,
                                 "note": "intra-op threads of each ONNX Runtime CPU session; requested 0 = auto: "
-                                        "one fewer than the usable cores, at least 1"},
+                                        "one core left to the event loop unless the encoder needs them all"},
                 "image_engine": {**self.engine_report, "serving": self.engine.name},
                 "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
                                     "note": "autocast of the attack steps; the final image is judged in fp32"},

@@ -8,8 +8,8 @@ import torch
 
 from conftest import toy_image
 from serving.errors import Busy, ProbeTimeout, RequestError
-from capt.hardware import Hardware
-from serving.model import Limits, ServingModel, serving_ort_threads
+from serving.engine import choose_ort_threads, ort_threads_choice
+from serving.model import Limits, ServingModel
 from capt.data.toyworld import COLOURS, SHAPES, ToyWorldTask
 
 
@@ -281,15 +281,33 @@ def test_onnx_runtime_threads_of_the_served_sessions_come_from_the_limits(defaul
         ServingModel(default_bundle, Limits(ort_threads=-1), check_twin=False)
 
 
-@pytest.mark.parametrize("usable, threads", [(1, 1), (2, 1), (16, 15), (None, 1)])
-def test_auto_onnx_runtime_threads_leave_the_event_loop_a_core(usable, threads):
-    assert serving_ort_threads(Hardware(usable_cores=usable)) == threads
+@pytest.mark.parametrize("cores, seconds, threads", [
+    (1, None, 1),
+    (16, None, 15),  # 16 / 15 < 1.3: no measurement could make all cores worth it
+    (2, {1: {1: 1.0, 8: 8.0}, 2: {1: 1.5, 8: 7.8}}, 1),  # the default model here: a second thread buys nothing
+    (2, {1: {1: 1.0, 8: 8.0}, 2: {1: 0.55, 8: 4.4}}, 2),  # a large model: the encoder limits the server
+    (4, {3: {1: 1.0, 8: 8.0}, 4: {1: 0.8, 8: 6.4}}, 3),  # 1.25x < 1.3
+])
+def test_auto_onnx_runtime_threads_leave_the_event_loop_a_core_unless_the_encoder_needs_them(cores, seconds, threads):
+    chosen, reason = ort_threads_choice(cores, seconds)
+    assert chosen == threads and reason
 
 
-def test_the_served_sessions_use_the_auto_threads_by_default(served):
-    expected = serving_ort_threads(served.hardware)
-    assert served.limits.ort_threads == 0 and served.ort_threads == expected
-    for session in (served.image_session, served.text_session):
-        assert session.get_session_options().intra_op_num_threads == expected
+def test_the_served_sessions_use_the_measured_auto_threads_by_default(served):
     reported = served.info()["ort_threads"]
-    assert (reported["requested"], reported["used"]) == (0, expected)
+    assert served.limits.ort_threads == 0 and reported["requested"] == 0 and served.ort_threads == reported["used"]
+    for session in (served.image_session, served.text_session):
+        assert session.get_session_options().intra_op_num_threads == served.ort_threads
+    cores = served.hardware.usable_cores or 1
+    if cores >= 2 and cores / (cores - 1) >= 1.3:  # 2 or 3 cores: timed with cores - 1 and cores threads
+        times = reported["images_per_s"]
+        assert set(times) == {str(cores - 1), str(cores)} and all(set(t) == {"1", "8"} for t in times.values())
+        seconds = {int(t): {int(b): int(b) / v for b, v in by_batch.items()} for t, by_batch in times.items()}
+        assert served.ort_threads == ort_threads_choice(cores, seconds)[0]
+
+
+def test_choose_ort_threads_times_the_graph_with_both_thread_counts(default_bundle):
+    from export.bundle import IMAGE_ONNX
+    threads, report = choose_ort_threads(default_bundle / IMAGE_ONNX, 64, cores=2, budget_s=0.2)
+    assert threads in (1, 2) and report["used"] == threads
+    assert set(report["images_per_s"]) == {"1", "2"} and all(v > 0 for t in report["images_per_s"].values() for v in t.values())
