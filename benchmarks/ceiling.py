@@ -160,14 +160,17 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
     rows, summary, notes = [], {}, []
     for workers in WORKER_COUNTS:
         real, ceiling = measured["classify", workers], measured["ceiling", workers]
-        paired = [(r, c) for r, c in zip(real, ceiling) if all_workers_served(r) and all_workers_served(c)]
+        paired_rounds = [i for i, (r, c) in enumerate(zip(real, ceiling)) if all_workers_served(r) and all_workers_served(c)]
+        paired = [(real[i], ceiling[i]) for i in paired_rounds]
         ratios = [r["images_per_s"] / c["images_per_s"] for r, c in paired] or [float("nan")]
         if len(paired) < len(real):
             notes.append(f"{workers} worker(s): {len(real) - len(paired)} of {len(real)} round(s) left out of "
                          "'vs ceiling' because a worker of one side served (almost) nothing")
         for runs in (real, ceiling):
             balanced = [m for m in runs if all_workers_served(m)]
-            counted = balanced or runs  # rates of N workers, not of 1 of N, where there are any
+            # The rounds the ratio counts, so that every column compares the same rounds; else this side's
+            # rounds with every worker serving (rates of N workers, not of 1 of N), else all.
+            counted = [runs[i] for i in paired_rounds] or balanced or runs
             rates = [m["images_per_s"] for m in counted]
             cpu_per_request = [1000 * sum(m["worker_cpu"]) / m["images_per_s"] for m in counted]
             rows.append({"workers": workers, "service": "/classify (default model)" if runs is real else
@@ -177,7 +180,8 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
                          "server CPU ms/req": round(median(cpu_per_request), 2),
                          "vs ceiling": (round(median(ratios), 3) if paired else "n/a") if runs is real else 1,
                          "vs ceiling range": _spread(ratios, 3) if runs is real else "",
-                         "rounds counted": len(balanced) if balanced else f"0 (all {len(runs)} shown: one worker served)",
+                         "rounds counted": (len(counted) if paired_rounds or balanced
+                                            else f"0 (all {len(runs)} shown: one worker served)"),
                          "p50 ms": round(median([m["p50_ms"] for m in counted]), 1),
                          "p99 ms": round(median([m["p99_ms"] for m in counted]), 1),
                          "requests": sum(m["requests"] for m in runs), "errors": sum(m["errors"] for m in runs),
@@ -209,7 +213,8 @@ def summarise(measured: dict[tuple[str, int], list[dict]], rounds: int, seconds:
         f"concurrency {CONCURRENCY}, {rounds} round(s) of {seconds} s per server after {warmup} s of warm-up at "
         f"concurrency 8; one 64x64 PNG and {n_labels} labels per request, top_k 5; the servers ran one after the "
         "other, never together; figures are medians over rounds, ranges are min-max over rounds, and 'vs ceiling' "
-        "pairs each round's two sides; with 2 workers, only rounds where every worker served count ('rounds counted')",
+        "pairs each round's two sides; with 2 workers, only rounds where every worker of both servers served count ('rounds counted', the same "
+        "rounds for both sides)",
         "ceiling = benchmarks/ceiling_service.py: the same BentoML options, endpoint signature, middlewares, patches and "
         "upload decoding (serving.images, same limits, the same loop/thread split), an async endpoint like "
         "Classifier.classify, then a constant answer: no model work",

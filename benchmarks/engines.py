@@ -73,7 +73,7 @@ def worker_auto(config: dict) -> dict:
     started = time.perf_counter()
     manifest = json.loads((Path(config["bundle"]) / "manifest.json").read_text())
     threads, threads_report = choose_ort_threads(Path(config["bundle"]) / IMAGE_ONNX,
-                                                 manifest["inputs"]["image"]["shape"][-1], hardware.usable_cores or 1)
+                                                 manifest["inputs"]["image"]["shape"][-1], hardware.compute_cores)
     bundle = _bundle(config["bundle"], threads)
     engine, chosen = choose_engine(bundle, hardware, "auto")
     return {"engine": engine.name, "ort_threads": threads, "ort_threads_report": threads_report, "report": chosen,

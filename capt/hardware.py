@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import json
 import os
 import platform
@@ -60,6 +61,8 @@ class Hardware:
     torch_cpu_capability: str | None = None
     logical_cores: int | None = None
     usable_cores: int | None = None
+    physical_cores: int | None = None  # distinct (physical id, core id) pairs of /proc/cpuinfo, over the usable CPUs
+    cpu_quota: float | None = None  # cgroup CPU limit in cores (a container's --cpus), None where unlimited
     torch_threads: int | None = None
     cuda: tuple = ()  # CudaDevice, one per visible device
     onnxruntime_providers: tuple = ()
@@ -73,6 +76,15 @@ class Hardware:
         return cls(flags=frozenset(flags), cuda=devices, **values)
 
     # ---- features ------------------------------------------------------------------------------
+    @property
+    def compute_cores(self) -> int:
+        """Cores that compute threads can keep busy: the usable CPUs, counting a core's SMT siblings once
+        and no more than the container's CPU quota (rounded up); 1 where nothing is known."""
+        cores = [c for c in (self.usable_cores, self.physical_cores) if c]
+        if self.cpu_quota:
+            cores.append(math.ceil(self.cpu_quota))
+        return max(1, min(cores)) if cores else 1
+
     def has(self, feature: str) -> bool:
         return FEATURES.get(feature, feature) in self.flags
 
@@ -119,6 +131,7 @@ class Hardware:
         values = asdict(self)
         values["flags"] = sorted(f for f in self.flags if f in FEATURES.values())  # the ones that matter
         values["features"] = self.features()
+        values["compute_cores"] = self.compute_cores
         values["cuda"] = [{**asdict(d), "capability": list(d.capability)} for d in self.cuda]
         values["onnxruntime_providers"] = list(self.onnxruntime_providers)
         values["recommended_precision"] = {"cpu": recommended_precision("cpu", self),
@@ -145,6 +158,45 @@ def parse_cpuinfo(text: str) -> tuple[str | None, str | None, frozenset]:
         elif key in ("flags", "features") and not flags:
             flags = frozenset(value.split())
     return vendor, model, flags
+
+
+def parse_physical_cores(text: str, usable: Iterable[int] | None = None) -> int | None:
+    """Distinct physical cores among the ``usable`` processors (all if None) of a /proc/cpuinfo text;
+    None where it has no ``core id`` lines (some VMs, ARM)."""
+    wanted = None if usable is None else set(usable)
+    cores, processor, package = set(), None, "0"
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor":
+            processor, package = int(value) if value.isdigit() else None, "0"
+        elif key == "physical id":
+            package = value
+        elif key == "core id" and (wanted is None or processor in wanted):
+            cores.add((package, value))
+    return len(cores) or None
+
+
+def parse_cpu_max(text: str) -> float | None:
+    """Cores a cgroup v2 ``cpu.max`` ("quota period", "max period" when unlimited) allows."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def _cpu_quota() -> float | None:
+    with contextlib.suppress(OSError):
+        return parse_cpu_max(Path("/sys/fs/cgroup/cpu.max").read_text())
+    with contextlib.suppress(OSError, ValueError):  # cgroup v1
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    return None
 
 
 def _cuda_devices(torch) -> tuple:
@@ -174,11 +226,14 @@ def _versions() -> dict:
 @functools.lru_cache(maxsize=1)
 def detect() -> Hardware:
     """This machine (cached: the hardware does not change while a process runs)."""
-    vendor = model = None
+    vendor = model = physical = None
     flags: frozenset = frozenset()
     known = False
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with contextlib.suppress(OSError):
-        vendor, model, flags = parse_cpuinfo(Path("/proc/cpuinfo").read_text())
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        vendor, model, flags = parse_cpuinfo(cpuinfo)
+        physical = parse_physical_cores(cpuinfo, affinity)
         known = True
     if model is None:
         model = platform.processor() or None
@@ -195,9 +250,10 @@ def detect() -> Hardware:
     with contextlib.suppress(Exception):
         import onnxruntime
         providers = tuple(onnxruntime.get_available_providers())
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = len(affinity) if affinity is not None else os.cpu_count()
     return Hardware(cpu_vendor=vendor, cpu_model=model, arch=platform.machine(), flags=flags, flags_known=known,
                     torch_cpu_capability=capability, logical_cores=os.cpu_count(), usable_cores=usable,
+                    physical_cores=physical, cpu_quota=_cpu_quota(),
                     torch_threads=threads, cuda=cuda, onnxruntime_providers=providers, versions=_versions())
 
 
@@ -291,7 +347,10 @@ def describe(hardware: Hardware | None = None) -> str:
     hardware = hardware or detect()
     yes = [name for name, on in hardware.features().items() if on]
     lines = [f"CPU: {hardware.cpu_model or 'unknown'} ({hardware.cpu_vendor or 'unknown vendor'}, {hardware.arch})",
-             f"cores: {hardware.usable_cores} usable of {hardware.logical_cores}; torch threads {hardware.torch_threads}",
+             f"cores: {hardware.usable_cores} usable of {hardware.logical_cores}"
+             f" ({hardware.physical_cores or 'unknown'} physical"
+             + (f", CPU quota {hardware.cpu_quota:g}" if hardware.cpu_quota else ", no CPU quota")
+             + f": {hardware.compute_cores} for compute); torch threads {hardware.torch_threads}",
              "features: " + (", ".join(yes) if yes else "none of avx2/avx512/bf16/amx/vnni")
              + ("" if hardware.flags_known else " (flags unknown: no /proc/cpuinfo)"),
              f"torch CPU capability: {hardware.torch_cpu_capability}"]

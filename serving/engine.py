@@ -273,7 +273,8 @@ def ort_threads_choice(cores: int, seconds: dict[int, dict[int, float]] | None =
 
 
 def choose_ort_threads(graph: Path, image_size: int, cores: int, budget_s: float = 2.0) -> tuple[int, dict]:
-    """Auto ONNX Runtime threads for the served graphs (``ort_threads_choice``), timing the image
+    """Auto ONNX Runtime threads for the served graphs (``ort_threads_choice``; ``cores``: the machine's
+    ``Hardware.compute_cores``, SMT siblings counted once, within a container's CPU quota), timing the image
     encoder ``graph`` with ``cores - 1`` and ``cores`` threads where that can change the answer
     (within about ``budget_s`` of runs, plus two session starts)."""
     started = time.perf_counter()

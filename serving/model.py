@@ -251,7 +251,7 @@ class ServingModel:
             manifest = verify_bundle(bundle_dir)
             self.ort_threads_report = choose_ort_threads(Path(bundle_dir) / IMAGE_ONNX,
                                                          manifest["inputs"]["image"]["shape"][-1],
-                                                         self.hardware.usable_cores or 1)[1]
+                                                         self.hardware.compute_cores)[1]
         self.ort_threads = self.ort_threads_report["used"]
         self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads)
         self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
@@ -363,7 +363,8 @@ class ServingModel:
         """The classify endpoints' answer: ``predictions``, ``label_cache_hit`` (this request's own
         lookup) and ``templates_applied`` (with ``templates_note`` when given templates were ignored).
         ``top_k=None`` ranks every label (the Hugging Face wire format answers them all). The service's
-        multipart ``/classify`` takes the same steps on its event loop (``serving.service``)."""
+        multipart ``/classify`` makes the same checks and answer on its event loop (``serving.service``;
+        it decodes its uploads first, as the other endpoints do before calling this)."""
         labels, templates, top_k = self.check_classify_request(len(images), labels, templates, top_k)
         # Labels first: one too long for the text context is refused before any image is encoded.
         class_embeddings, hit = self.cached_class_embeddings(labels, templates)

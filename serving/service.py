@@ -21,11 +21,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Literal
 
+import anyio
+import anyio.to_thread
 import bentoml
 import numpy as np
 from PIL.Image import Image
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import JSONResponse
 
 from capt import default_model
@@ -44,6 +45,7 @@ from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 logger = logging.getLogger("capt.serving")
 # Read where the module is imported: an empty key or key file stops `bentoml serve` at start.
 API_KEYS = load_api_keys()
+CLASSIFY_THREADS = 16  # as many as the sync endpoints' pool (threads=16 below)
 
 
 def bundle_dir() -> Path:
@@ -80,8 +82,9 @@ def _answer(work: Callable[[], dict]) -> dict | JSONResponse:
         return error_response(err)  # {"error": message}, with Retry-After on a 429
 
 
-# Sync endpoints run on a thread pool that BentoML sizes to 1 by default: one probe would then hold
-# up every classify request behind it. Probes are bounded separately (max_concurrent_probes).
+# Sync endpoints (all but /classify) run on a thread pool that BentoML sizes to 1 by default: one probe
+# would then hold up every classify_json or embedding request behind it. Probes are bounded separately
+# (max_concurrent_probes).
 @bentoml.service(name="capt", traffic={"timeout": 120, "max_concurrency": 64}, threads=16)
 class Classifier:
     @bentoml.on_deployment
@@ -116,6 +119,9 @@ class Classifier:
         self.served_model_name = os.environ.get("CAPT_SERVED_MODEL_NAME") or self.model.manifest["model"]
         self.embedding_slots = threading.BoundedSemaphore(self.model.limits.max_concurrent_embeddings)
         self.event_loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # BentoML builds us on it
+        # /classify's work on threads (large uploads, label sets not cached) has threads of its own: on anyio's
+        # default pool it would compete with BentoML's /livez, /readyz and /metrics.
+        self.classify_threads = anyio.CapacityLimiter(CLASSIFY_THREADS)
         logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see (capt logs warnings)
         freeze_startup_heap()  # last: what start-up made is never garbage (serving/heap.py)
 
@@ -163,7 +169,7 @@ class Classifier:
             class_embeddings = model.label_cache.peek(model.label_cache_key(labels, templates))
             hit = class_embeddings is not None
             if not hit:
-                class_embeddings, hit = await run_in_threadpool(model.cached_class_embeddings, labels, templates)
+                class_embeddings, hit = await self._on_thread(model.cached_class_embeddings, labels, templates)
             embeddings = await self.encode_images.encode_async(np.concatenate(pixels))
             answer = model.classify_result(embeddings, labels, class_embeddings, hit, templates, top_k)
         except ClientError as err:
@@ -175,12 +181,15 @@ class Classifier:
         """One upload's model input ``[1, 3, H, W]``: small ones decoded on the loop, large ones on a thread."""
         limits = self.model.limits
         if not reads_inline(path):
-            return await run_in_threadpool(
+            return await self._on_thread(
                 lambda: self.model.pixels([read_upload(path, limits.max_upload_bytes, limits.max_image_pixels)]))
         image = open_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
         if not decodes_inline(image):
-            return await run_in_threadpool(lambda: self.model.pixels([load_upload(image)]))
+            return await self._on_thread(lambda: self.model.pixels([load_upload(image)]))
         return self.model.pixels([load_upload(image)])
+
+    async def _on_thread(self, function: Callable, *args):
+        return await anyio.to_thread.run_sync(function, *args, limiter=self.classify_threads)
 
     @bentoml.api
     def classify_json(self, request: ClassifyJSON) -> dict:

@@ -200,3 +200,66 @@ def test_a_batcher_made_on_an_event_loop_serves_it_before_its_first_await():
 
     np.testing.assert_array_equal(asyncio.run(scenario()), np.ones((2, 2)))
     assert sizes == [2]  # through the loop's batches, not beside them
+
+
+def test_a_caller_that_goes_away_while_its_batch_runs_does_not_break_the_others():
+    encoder = SlowDouble()
+    batcher = MicroBatcher(encoder)
+
+    async def scenario():
+        gone = asyncio.ensure_future(batcher.encode_async(np.ones((1, 2))))
+        kept = asyncio.ensure_future(batcher.encode_async(np.ones((2, 2))))  # the next batch, behind it
+        await until(encoder.started.is_set, "the batch")
+        gone.cancel()
+        encoder.release.set()
+        after = await batcher.encode_async(np.ones((1, 2)))
+        return await kept, after
+
+    kept, after = asyncio.run(scenario())
+    assert encoder.batches == [1, 3]  # the cancelled caller's batch ran, answered to no one; the others shared the next
+    np.testing.assert_array_equal(kept, np.full((2, 2), 2.0))
+    np.testing.assert_array_equal(after, np.full((1, 2), 2.0))
+
+
+def test_a_failing_metric_does_not_stop_the_batch():
+    def broken_metric(rows):
+        raise ValueError("metric down")
+
+    batcher = MicroBatcher(lambda inputs: inputs + 1, on_batch=broken_metric)
+    np.testing.assert_array_equal(asyncio.run(batcher.encode_async(np.zeros((1, 2)))), np.ones((1, 2)))
+
+
+def test_a_batch_that_cannot_start_fails_its_callers_instead_of_leaving_them_waiting():
+    batcher = MicroBatcher(lambda inputs: inputs)
+    batcher._executor.shutdown()
+
+    async def scenario():
+        return await asyncio.wait_for(asyncio.gather(batcher.encode_async(np.zeros((1, 2))),
+                                                     batcher.encode_async(np.zeros((1, 2))), return_exceptions=True), 5)
+
+    outcomes = asyncio.run(scenario())
+    assert [type(o) for o in outcomes] == [RuntimeError, RuntimeError]  # "cannot schedule new futures after shutdown"
+
+
+def test_one_batcher_serves_one_event_loop_at_a_time():
+    encoder = SlowDouble()
+    batcher = MicroBatcher(encoder)
+    refusal = {}
+
+    def other_loop():
+        try:
+            asyncio.run(batcher.encode_async(np.zeros((1, 2))))
+        except RuntimeError as err:
+            refusal["error"] = str(err)
+
+    async def scenario():
+        busy = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
+        await until(encoder.started.is_set, "the batch")
+        thread = threading.Thread(target=other_loop)
+        thread.start()
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 10)
+        encoder.release.set()
+        await busy
+
+    asyncio.run(scenario())
+    assert "another event loop" in refusal["error"]

@@ -5,7 +5,8 @@ import pytest
 
 from capt import hardware
 from capt.cli import main
-from capt.hardware import CudaDevice, Hardware, precision_reason, recommended_precision, resolve_precision
+from capt.hardware import CudaDevice, Hardware, parse_cpu_max, parse_physical_cores, precision_reason, \
+    recommended_precision, resolve_precision
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
 ZEN5 = AVX2 | {"avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni"}
@@ -114,3 +115,31 @@ def test_benchmark_reports_describe_the_machine_through_capt_hardware():
     assert info["hardware"]["features"] == hardware.detect().to_dict()["features"]
     assert info["precision_auto"]["cpu"] == recommended_precision("cpu")
     assert "hardware" not in machine_markdown(info).split(":")[0]
+
+
+SMT_CPUINFO = "\n\n".join(
+    f"processor\t: {cpu}\nphysical id\t: {package}\ncore id\t\t: {core}\nflags\t\t: avx2"
+    for cpu, (package, core) in enumerate([(0, 0), (0, 1), (0, 0), (0, 1), (1, 0), (1, 1), (1, 0), (1, 1)]))
+
+
+def test_physical_cores_count_smt_siblings_once_and_only_usable_processors():
+    assert parse_physical_cores(SMT_CPUINFO) == 4  # 8 processors, 2 packages x 2 cores
+    assert parse_physical_cores(SMT_CPUINFO, usable={0, 2}) == 1  # two siblings of one core
+    assert parse_physical_cores(SMT_CPUINFO, usable={0, 1, 4}) == 3
+    assert parse_physical_cores("processor\t: 0\nflags\t: avx2\n") is None  # no core ids (some VMs, ARM)
+
+
+@pytest.mark.parametrize("text, cores", [("max 100000", None), ("200000 100000", 2.0), ("150000 100000", 1.5),
+                                         ("garbage", None), ("0 100000", None)])
+def test_cgroup_cpu_max_is_read_as_cores(text, cores):
+    assert parse_cpu_max(text) == cores
+
+
+@pytest.mark.parametrize("values, cores", [
+    ({"usable_cores": 64}, 64),
+    ({"usable_cores": 64, "physical_cores": 32}, 32),
+    ({"usable_cores": 64, "physical_cores": 32, "cpu_quota": 1.5}, 2),  # a container with --cpus 1.5
+    ({}, 1),
+])
+def test_compute_cores_are_the_fewest_of_usable_physical_and_quota(values, cores):
+    assert Hardware(**values).compute_cores == cores

@@ -116,3 +116,13 @@ def test_the_service_counts_a_lookup_by_its_own_outcome():
     answer = service._classify([], ["a", "b"], None, 5)
     assert answer["label_cache_hit"] is False
     assert (service.cache_hits.value, service.cache_misses.value) == (0, 1)
+
+
+def test_peek_answers_only_what_is_cached_and_counts_a_hit():
+    from serving.model import LabelCache
+    cache = LabelCache(2)
+    assert cache.peek(("a",)) is None and (cache.hits, cache.misses) == (0, 0)
+    value, hit = cache.get_or_compute(("a",), lambda: np.ones(3))
+    assert not hit
+    np.testing.assert_array_equal(cache.peek(("a",)), np.ones(3))
+    assert (cache.hits, cache.misses) == (1, 1)

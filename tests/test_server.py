@@ -2,6 +2,7 @@
 import base64
 import io
 import json
+import sys
 
 import httpx
 import numpy as np
@@ -26,7 +27,7 @@ def test_health_and_metrics(server):
     assert {"max_image_pixels", "max_upload_bytes", "max_labels", "max_probe_eps", "max_probe_steps",
             "max_concurrent_probes"} <= set(info["limits"])
     # The C event loop and HTTP parser (requirements.txt), not asyncio's and h11's pure Python.
-    assert info["server"] == {"event_loop": "uvloop", "http_parser": "httptools"}
+    assert info["server"] == {"event_loop": "uvloop" if sys.platform != "win32" else "asyncio", "http_parser": "httptools"}
 
 
 def test_two_label_sets_two_answers(server):
@@ -166,24 +167,32 @@ def test_model_names_never_become_paths_outside_the_store():
             bundle_path_from_store(tag)
 
 
-def test_uploads_decoded_on_a_thread_get_the_answers_of_those_decoded_on_the_event_loop(server):
+@pytest.fixture(scope="module")
+def in_process(default_bundle):
+    from serving.model import ServingModel
+    return ServingModel(default_bundle, check_twin=False)
+
+
+def test_uploads_decoded_on_a_thread_get_the_answers_of_those_decoded_on_the_event_loop(server, in_process):
     """/classify decodes small uploads on its event loop and large ones (bytes or pixels) on a thread
-    (serving.images); classify_json decodes every image on a thread. The answers must not depend on it."""
-    from serving.images import INLINE_DECODE_PIXELS, INLINE_UPLOAD_BYTES
+    (serving.images). Its answers must be those of the model on the same images decoded by plain PIL."""
+    from serving.images import decodes_inline, reads_inline
     generator = np.random.default_rng(0)
     small = toy_image("star", "blue")
-    many_pixels = small.resize((600, 600))  # > INLINE_DECODE_PIXELS, a small file
-    noisy = Image.fromarray(generator.integers(0, 256, (400, 400, 3), dtype=np.uint8))  # > INLINE_UPLOAD_BYTES
+    many_pixels = small.resize((600, 600), Image.NEAREST)  # over INLINE_DECODE_PIXELS, a small file (13 KB)
+    noisy = Image.fromarray(generator.integers(0, 256, (400, 400, 3), dtype=np.uint8))  # over INLINE_UPLOAD_BYTES
     uploads = [png_bytes(image) for image in (small, many_pixels, noisy)]
-    assert len(uploads[0]) <= INLINE_UPLOAD_BYTES and 64 * 64 <= INLINE_DECODE_PIXELS
-    assert len(uploads[1]) <= INLINE_UPLOAD_BYTES and 600 * 600 > INLINE_DECODE_PIXELS
-    assert len(uploads[2]) > INLINE_UPLOAD_BYTES
+    routes = []
+    for index, data in enumerate(uploads):
+        path = server.log.parent / f"route-{index}.png"
+        path.write_bytes(data)
+        routes.append((reads_inline(path), reads_inline(path) and decodes_inline(Image.open(path))))
+    assert routes == [(True, True), (True, False), (False, False)]  # loop, thread after the header, thread
     labels = list(SHAPES)
-    multipart = post_classify(server.url, uploads, labels, top_k=len(labels))
-    body = {"request": {"images": [base64.b64encode(data).decode() for data in uploads], "labels": labels,
-                        "top_k": len(labels)}}
-    in_json = httpx.post(f"{server.url}/classify_json", json=body, timeout=60)
-    assert multipart.status_code == 200 and in_json.status_code == 200, (multipart.text, in_json.text)
-    for got, expected in zip(multipart.json()["predictions"], in_json.json()["predictions"]):
-        assert [p["label"] for p in got] == [p["label"] for p in expected]
-        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in expected], abs=1e-6)
+    answer = post_classify(server.url, uploads, labels, top_k=len(labels))
+    assert answer.status_code == 200, answer.text
+    expected = in_process.classify_answer([Image.open(io.BytesIO(data)).convert("RGB") for data in uploads], labels,
+                                      top_k=len(labels))
+    for got, reference in zip(answer.json()["predictions"], expected["predictions"]):
+        assert [p["label"] for p in got] == [p["label"] for p in reference]
+        assert [p["probability"] for p in got] == pytest.approx([p["probability"] for p in reference], abs=1e-5)
