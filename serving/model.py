@@ -278,7 +278,8 @@ class ServingModel:
 
     # ---- encoders -----------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return torch.stack([self.transform(image) for image in images]).numpy()
+        # np.stack, not torch.stack: the same array for half the time (on the event loop for small uploads).
+        return np.stack([self.transform(image).numpy() for image in images])
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """The served image encoder (``self.engine``)."""
