@@ -70,7 +70,7 @@ class Ceiling:
                     await run_in_threadpool(read_upload, path, limits.max_upload_bytes, limits.max_image_pixels)
                     continue
                 image = open_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
-                if decodes_inline(image):
+                if decodes_inline(image, resized_pixels=0):  # no model, so no resize: the upload's own size counts
                     load_upload(image)
                 else:
                     await run_in_threadpool(load_upload, image)

@@ -99,6 +99,27 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resized_size(width: int, height: int, preprocess_cfg: dict[str, Any]) -> tuple[int, int]:
+    """(width, height) of the image :func:`pixel_transform` resizes a ``width`` x ``height`` image to
+    before it crops or pads, as open_clip's eval transform computes it. With ``resize_mode``
+    "shortest" (open_clip's default) the shortest side becomes the model's and the other keeps the
+    aspect ratio: a 16384x1 strip of a few bytes becomes 64 x 1,048,576 pixels for a 64-pixel model.
+    With "longest" a side can become 0 (torchvision then refuses to resize)."""
+    size = preprocess_cfg["size"]
+    target_height, target_width = (size, size) if isinstance(size, int) else tuple(size)
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode == "squash" or min(width, height) < 1:
+        return target_width, target_height
+    if mode == "shortest" and target_height == target_width:  # torchvision's Resize(int): long side truncated
+        short, long = sorted((width, height))
+        new_long = int(target_width * long / short)
+        return (target_width, new_long) if width <= height else (new_long, target_width)
+    # open_clip's ResizeKeepRatio (non-square "shortest", and "longest"): both sides rounded.
+    ratios = (height / target_height, width / target_width)
+    ratio = max(ratios) if mode == "longest" else min(ratios)
+    return round(width / ratio), round(height / ratio)
+
+
 def pixel_transform(preprocess_cfg: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
     """RGB image -> float tensor in [0, 1]: open_clip's eval transform for this model's preprocessing
     (size, resize mode, interpolation, fill colour) with identity mean/std. Images that are not RGB

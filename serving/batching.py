@@ -30,8 +30,8 @@ logger = logging.getLogger("capt.serving")
 
 class MicroBatcher:
     """Calls ``encode`` on the concatenation (axis 0) of concurrent callers' arrays and hands each
-    caller its own rows. A batch takes every waiting job until it holds ``max_batch`` rows or more
-    (a job is never split). An exception in ``encode`` is raised in every caller of that batch.
+    caller its own rows. A batch takes the waiting jobs in order while they fit in ``max_batch`` rows
+    (a job is never split: one larger than ``max_batch`` runs alone). An exception in ``encode`` is raised in every caller of that batch.
     ``on_batch(rows)`` is told each batch's size (for metrics).
 
     ``await batcher.encode_async(inputs)`` from the event loop; ``batcher(inputs)`` from any other
@@ -80,13 +80,18 @@ class MicroBatcher:
                     raise RuntimeError("the event loop stopped while an encoder batch was pending") from None
 
     def _start_batch(self) -> None:
-        """On the loop: the waiting jobs (cancelled ones dropped) up to ``max_batch`` rows, to the encoder thread."""
+        """On the loop: the waiting jobs (cancelled ones dropped) that fit in ``max_batch`` rows, to the encoder thread."""
         jobs, rows = [], 0
-        while self._pending and rows < self.max_batch:
-            inputs, future = self._pending.popleft()
-            if not future.cancelled():  # its request is gone (client disconnected)
-                jobs.append((inputs, future))
-                rows += len(inputs)
+        while self._pending:
+            inputs, future = self._pending[0]
+            if future.cancelled():  # its request is gone (client disconnected)
+                self._pending.popleft()
+                continue
+            if jobs and rows + len(inputs) > self.max_batch:
+                break  # the next batch's first job
+            self._pending.popleft()
+            jobs.append((inputs, future))
+            rows += len(inputs)
         if not jobs:
             return
         if self.on_batch is not None:

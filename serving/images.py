@@ -55,10 +55,12 @@ def reads_inline(path: Path) -> bool:
     return path.stat().st_size <= INLINE_UPLOAD_BYTES
 
 
-def decodes_inline(image: Image.Image) -> bool:
-    """Whether an opened upload (``open_upload``) is small enough for the event loop to decode."""
+def decodes_inline(image: Image.Image, resized_pixels: int) -> bool:
+    """Whether an opened upload (``open_upload``) is small enough for the event loop to decode and
+    transform: the upload itself and the image the model's preprocessing resizes it to
+    (``ServingModel.resized_pixels``: a thin strip of few pixels can resize to millions)."""
     width, height = image.size
-    return width * height <= INLINE_DECODE_PIXELS
+    return width * height <= INLINE_DECODE_PIXELS and resized_pixels <= INLINE_DECODE_PIXELS
 
 
 @contextlib.contextmanager

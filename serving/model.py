@@ -4,6 +4,7 @@ the same prompted model."""
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import threading
@@ -21,14 +22,14 @@ from PIL import Image
 from capt.attacks import PGD
 from capt.data.templates import check_template
 from capt.hardware import autocast_factory, check_precision, detect, resolve_precision
-from capt.images import pixel_transform
+from capt.images import pixel_transform, resized_size
 from capt.prompts import ZeroShotClassifier
 from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, verify_bundle
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
 from .engine import REFERENCE, choose_engine, choose_ort_threads
-from .errors import Busy, ProbeTimeout, RequestError
+from .errors import Busy, ImageRejected, ProbeTimeout, RequestError
 from .images import png_base64
 
 logger = logging.getLogger("capt.serving")
@@ -41,7 +42,7 @@ class Limits:
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     max_images: int = 32
-    max_batch: int = 64  # images per image-encoder run, summed over concurrent requests
+    max_batch: int = 64  # images per image-encoder run, summed over concurrent requests (a request of more runs alone)
     max_labels: int = 1000
     max_label_chars: int = 200
     max_templates: int = 16
@@ -78,9 +79,22 @@ class Limits:
         """Each limit from ``CAPT_<NAME>`` (e.g. ``CAPT_MAX_PROBE_EPS``) where set."""
         values = {}
         for f in fields(cls):
-            raw = os.environ.get(f"CAPT_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = type(f.default)(raw)
+            name = f"CAPT_{f.name.upper()}"
+            raw = os.environ.get(name)
+            if raw is None:
+                continue
+            kind = type(f.default)
+            try:
+                value = kind(raw.strip())
+            except ValueError:
+                value = None
+            if kind is str:
+                values[f.name] = value
+            elif value is None or not math.isfinite(value) or value < 0:
+                what = "an integer" if kind is int else "a number"
+                raise ValueError(f"{name} must be {what} >= 0 (default {f.default}), got {raw!r}")
+            else:
+                values[f.name] = value
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -278,8 +292,29 @@ class ServingModel:
 
     # ---- encoders -----------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        for image in images:
+            self.check_resize(image)
         # np.stack, not torch.stack: the same array for half the time (on the event loop for small uploads).
         return np.stack([self.transform(image).numpy() for image in images])
+
+    def resized_pixels(self, image: Image.Image) -> int:
+        """Pixels of the image the model's preprocessing resizes ``image`` to before it crops: what
+        turning it into pixels costs, whatever the upload's own size (``capt.images.resized_size``)."""
+        width, height = resized_size(image.width, image.height, self.torch_model.preprocess_cfg)
+        return width * height
+
+    def check_resize(self, image: Image.Image) -> None:
+        """A 400 for an image whose resize would be over ``max_image_pixels``: a few bytes of a very
+        thin strip would otherwise become a resize of gigabytes. Needs only the header (``.size``)."""
+        resized = self.resized_pixels(image)
+        if resized == 0:
+            raise ImageRejected(f"image of {image.width}x{image.height} is too thin for this model's input: its "
+                                f"short side would be resized to 0 pixels")
+        if resized > self.limits.max_image_pixels:
+            long, short = max(image.size), max(min(image.size), 1)
+            raise ImageRejected(
+                f"image of {image.width}x{image.height} would be resized to {resized} pixels for this model's "
+                f"input (aspect ratio {long / short:.0f}:1), over the limit of {self.limits.max_image_pixels} pixels")
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """The served image encoder (``self.engine``)."""

@@ -36,6 +36,31 @@ def test_bad_images_are_400(server, data, message):
     assert message in _error(post_classify(server.url, [data], LABELS))
 
 
+def _strip(width: int) -> bytes:
+    return png_bytes(Image.fromarray(np.full((1, width, 3), 200, np.uint8)))
+
+
+@pytest.mark.parametrize("endpoint", ["classify", "classify_json", "embed_image", "probe"])
+def test_a_strip_that_would_resize_to_gigapixels_is_400_before_it_is_resized(server, endpoint):
+    # A 16384x1 PNG is ~100 bytes and 16,384 pixels, inside every upload limit; the 64-pixel model's
+    # preprocessing (shortest side to 64) would resize it to 64 x 1,048,576 pixels (over 40M).
+    data = _strip(16384)
+    assert len(data) < 1000
+    if endpoint == "classify":
+        response = post_classify(server.url, [data], LABELS)
+    elif endpoint == "probe":
+        response = post_probe(server.url, data, LABELS)
+    elif endpoint == "embed_image":
+        response = httpx.post(f"{server.url}/embed_image", files=[("images", ("s.png", data, "image/png"))], timeout=60)
+    else:
+        response = httpx.post(f"{server.url}/classify_json", timeout=60,
+                              json={"request": {"images": [base64.b64encode(data).decode()], "labels": LABELS}})
+    message = _error(response)
+    assert "would be resized to 67108864 pixels" in message and "16384x1" in message, message
+    # Control: a strip whose resize fits the limit (64 x 65,536) is classified.
+    assert post_classify(server.url, [_strip(1024)], LABELS).status_code == 200
+
+
 def _jpeg_cmyk():
     return png_bytes(toy_image().convert("CMYK"), "JPEG")
 

@@ -114,3 +114,20 @@ def test_pixels_equal_open_clips_eval_transform(size, image_size, resize_mode):
     assert pixels.dtype == torch.float32 and pixels.is_contiguous()
     assert pixels.shape == (3, *size)
     assert torch.equal(pixels, reference(image))
+
+
+@pytest.mark.parametrize("size", [64, (48, 64)])
+@pytest.mark.parametrize("image_size", [(64, 64), (2048, 8), (8, 2048), (333, 97), (1, 1)])
+@pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
+def test_resized_size_is_that_of_open_clips_resize(size, image_size, resize_mode):
+    # capt.images.resized_size predicts, from the header alone, the size of open_clip's first (resize) step.
+    import open_clip
+
+    from capt.images import resized_size
+    resize = open_clip.image_transform(size, is_train=False, resize_mode=resize_mode, interpolation="bicubic").transforms[0]
+    predicted = resized_size(*image_size, {"size": size, "resize_mode": resize_mode})
+    if min(predicted) == 0:  # "longest" of a thin strip: torchvision refuses, the server says 400 first
+        with pytest.raises(ValueError, match="must be > 0"):
+            resize(Image.new("RGB", image_size))
+    else:
+        assert predicted == resize(Image.new("RGB", image_size)).size

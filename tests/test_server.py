@@ -181,13 +181,16 @@ def test_uploads_decoded_on_a_thread_get_the_answers_of_those_decoded_on_the_eve
     small = toy_image("star", "blue")
     many_pixels = small.resize((600, 600), Image.NEAREST)  # over INLINE_DECODE_PIXELS, a small file (13 KB)
     noisy = Image.fromarray(generator.integers(0, 256, (400, 400, 3), dtype=np.uint8))  # over INLINE_UPLOAD_BYTES
-    uploads = [png_bytes(image) for image in (small, many_pixels, noisy)]
+    strip = small.resize((2048, 8))  # few pixels, but resized to 64 x 16,384 for the 64-pixel model
+    uploads = [png_bytes(image) for image in (small, many_pixels, noisy, strip)]
     routes = []
     for index, data in enumerate(uploads):
         path = server.log.parent / f"route-{index}.png"
         path.write_bytes(data)
-        routes.append((reads_inline(path), reads_inline(path) and decodes_inline(Image.open(path))))
-    assert routes == [(True, True), (True, False), (False, False)]  # loop, thread after the header, thread
+        opened = Image.open(path)
+        routes.append((reads_inline(path), reads_inline(path) and decodes_inline(opened, in_process.resized_pixels(opened))))
+    # loop, thread after the header (pixels), thread (bytes), thread after the header (resized pixels)
+    assert routes == [(True, True), (True, False), (False, False), (True, False)]
     labels = list(SHAPES)
     answer = post_classify(server.url, uploads, labels, top_k=len(labels))
     assert answer.status_code == 200, answer.text

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import toy_image
 from serving.errors import Busy, ProbeTimeout, RequestError
@@ -108,6 +109,18 @@ def test_bad_classify_requests_are_refused(served):
         served.classify([], ["a"])
 
 
+@pytest.mark.parametrize("resize_mode, message", [("shortest", "would be resized to"), ("longest", "too thin")])
+def test_images_whose_resize_is_out_of_bounds_are_refused(served, monkeypatch, resize_mode, message):
+    # "shortest": a 16384x1 strip becomes 64 x 1,048,576 pixels; "longest": a 2048x8 strip's short side
+    # becomes 0 and torchvision raises (a 500) unless the model refuses it first.
+    from serving.errors import ImageRejected
+    monkeypatch.setitem(served.torch_model.preprocess_cfg, "resize_mode", resize_mode)
+    strip = Image.new("RGB", (16384, 1) if resize_mode == "shortest" else (2048, 8))
+    with pytest.raises(ImageRejected, match=message):
+        served.classify([strip], ["a", "b"])
+    assert served.pixels([Image.new("RGB", (128, 64))]).shape[1:] == (3, 64, 64)  # a plain image still goes through
+
+
 def test_probes_beyond_the_limit_are_refused_at_once(served):
     served.probe_slots.acquire()
     try:
@@ -123,6 +136,14 @@ def test_limits_come_from_the_environment(monkeypatch):
     limits = Limits.from_env()
     assert limits.max_probe_steps == 7 and limits.max_probe_eps == 0.01
     assert limits.max_labels == Limits().max_labels
+
+
+@pytest.mark.parametrize("name, raw", [("CAPT_ORT_THREADS", "abc"), ("CAPT_ORT_THREADS", "1.5"), ("CAPT_MAX_IMAGES", ""),
+                                       ("CAPT_MAX_IMAGES", "-3"), ("CAPT_MAX_PROBE_EPS", "nan"), ("CAPT_MAX_PROBE_EPS", "x")])
+def test_a_bad_limit_in_the_environment_is_refused_by_name(monkeypatch, name, raw):
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ValueError, match=rf"^{name} must be (an integer|a number) >= 0 .*got {re.escape(repr(raw))}$"):
+        Limits.from_env()
 
 
 def test_a_probe_past_its_time_limit_stops_at_the_next_forward_pass(default_bundle):
