@@ -26,6 +26,7 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 from typing import Callable, Iterable
 
 # What a user may ask for (``--precision``); ``cuda-bf16`` is what a legacy ``amp: true`` config did
@@ -189,14 +190,50 @@ def parse_cpu_max(text: str) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
+def cgroup_cpu_quota(membership: str, root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Cores this process's cgroups allow: the smallest quota from its own cgroup up to the root of
+    the hierarchy, cgroup v2 (``cpu.max``) or v1 (``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), so
+    that a limit set on a parent (a systemd slice, a pod) or seen through the host's cgroup
+    namespace counts too. ``membership``: the text of ``/proc/self/cgroup``; None where unlimited."""
+    quotas = []
+    for line in membership.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            quotas += _walk_up(root, path, lambda folder: parse_cpu_max((folder / "cpu.max").read_text()))
+        elif "cpu" in controllers.split(","):
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+                if mount.is_dir():
+                    quotas += _walk_up(mount, path, _cfs_quota)
+                    break
+    quotas = [quota for quota in quotas if quota is not None]
+    return min(quotas) if quotas else None
+
+
+def _walk_up(mount: Path, path: str, read: Callable[[Path], float | None]) -> list[float | None]:
+    """``read`` of the cgroup at ``path`` under ``mount`` and of each parent up to ``mount``; a
+    folder that is not there or cannot be read counts as unlimited."""
+    folder, found = mount / path.strip("/"), []
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            found.append(read(folder))
+        if folder == mount or mount not in folder.parents:
+            return found
+        folder = folder.parent
+
+
+def _cfs_quota(folder: Path) -> float | None:
+    quota = int((folder / "cpu.cfs_quota_us").read_text())
+    period = int((folder / "cpu.cfs_period_us").read_text())
+    return quota / period if quota > 0 and period > 0 else None
+
+
 def _cpu_quota() -> float | None:
-    with contextlib.suppress(OSError):
-        return parse_cpu_max(Path("/sys/fs/cgroup/cpu.max").read_text())
-    with contextlib.suppress(OSError, ValueError):  # cgroup v1
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-        return quota / period if quota > 0 and period > 0 else None
-    return None
+    try:
+        membership = Path("/proc/self/cgroup").read_text()
+    except OSError:
+        membership = "0::/"
+    return cgroup_cpu_quota(membership)
 
 
 def _cuda_devices(torch) -> tuple:

@@ -5,7 +5,7 @@ import pytest
 
 from capt import hardware
 from capt.cli import main
-from capt.hardware import CudaDevice, Hardware, parse_cpu_max, parse_physical_cores, precision_reason, \
+from capt.hardware import CudaDevice, Hardware, cgroup_cpu_quota, parse_cpu_max, parse_physical_cores, precision_reason, \
     recommended_precision, resolve_precision
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma"}
@@ -133,6 +133,39 @@ def test_physical_cores_count_smt_siblings_once_and_only_usable_processors():
                                          ("garbage", None), ("0 100000", None)])
 def test_cgroup_cpu_max_is_read_as_cores(text, cores):
     assert parse_cpu_max(text) == cores
+
+
+def _cgroup_files(root, files):
+    for relative, text in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_text(text)
+
+
+@pytest.mark.parametrize("membership, files, cores", [
+    # cgroup v2, a private namespace: the container's own cgroup is the mount's root
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # v2 through the host's namespace: the limit is on a parent slice, the process's own cgroup has none
+    ("0::/kubepods.slice/pod1/ctr\n", {"cpu.max": "max 100000", "kubepods.slice/pod1/cpu.max": "50000 100000",
+                                       "kubepods.slice/pod1/ctr/cpu.max": "max 100000"}, 0.5),
+    ("0::/a/b\n", {"a/cpu.max": "300000 100000", "a/b/cpu.max": "200000 100000"}, 2.0),  # the smallest
+    ("0::/gone\n", {}, None),  # no files at all: unlimited, not an error
+    ("0::/\n", {"cpu.max": "garbage"}, None),
+    # cgroup v1, cpu and cpuacct mounted together; -1 = unlimited
+    ("4:memory:/docker/x\n3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "250000",
+                                                      "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, 2.5),
+    ("3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "-1",
+                                   "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, None),
+    ("3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "nonsense",
+                                   "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, None),
+])
+def test_the_cpu_quota_is_the_smallest_on_the_way_up_the_cgroup_tree(tmp_path, membership, files, cores):
+    _cgroup_files(tmp_path, files)
+    assert cgroup_cpu_quota(membership, tmp_path) == cores
+
+
+def test_a_quota_under_one_core_still_computes_on_one():
+    assert Hardware(usable_cores=8, cpu_quota=0.5).compute_cores == 1
 
 
 @pytest.mark.parametrize("values, cores", [
