@@ -55,6 +55,9 @@ class MicroBatcher:
     async def encode_async(self, inputs: np.ndarray) -> np.ndarray:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
+            if self._loop is not None and self._loop.is_closed():
+                # A loop closed mid-batch never ran its callbacks: what it left is of no caller now.
+                self._running, self._pending = False, deque()
             if self._running or self._pending:
                 raise RuntimeError("this MicroBatcher is serving another event loop")
             self._loop = loop

@@ -282,3 +282,18 @@ def test_one_batcher_serves_one_event_loop_at_a_time():
 
     asyncio.run(scenario())
     assert "another event loop" in refusal["error"]
+
+
+def test_a_batcher_whose_loop_closed_mid_batch_serves_the_next_loop():
+    encoder = SlowDouble()
+    batcher = MicroBatcher(encoder)
+
+    async def leave_mid_batch():
+        asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
+        await until(encoder.started.is_set, "the batch")
+
+    asyncio.run(leave_mid_batch())  # closes its loop with the batch still running
+    assert batcher._running  # nothing on the closed loop can finish it
+    encoder.release.set()
+    result = asyncio.run(asyncio.wait_for(batcher.encode_async(np.ones((2, 2))), 10))
+    assert result.shape == (2, 2) and np.all(result == 2)
