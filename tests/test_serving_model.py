@@ -323,15 +323,18 @@ def test_the_served_sessions_use_the_measured_auto_threads_by_default(served):
     for session in sessions:
         assert session.get_session_options().intra_op_num_threads == served.ort_threads
     cores = served.hardware.compute_cores
-    if cores >= 2 and cores / (cores - 1) >= 1.3:  # 2 or 3 cores: timed with cores - 1 and cores threads
+    if cores >= 2 and cores / (cores - 1) >= 1.3:  # 2, 3 or 4 cores: timed with cores - 1 and cores threads
         times = reported["images_per_s"]
         assert set(times) == {str(cores - 1), str(cores)} and all(set(t) == {"1", "8"} for t in times.values())
         seconds = {int(t): {int(b): int(b) / v for b, v in by_batch.items()} for t, by_batch in times.items()}
-        assert served.ort_threads == ort_threads_choice(cores, seconds)[0]
+        speedup = np.exp(np.mean([np.log(seconds[cores - 1][b] / seconds[cores][b]) for b in (1, 8)]))
+        if abs(speedup - 1.3) > 0.02:  # the report's figures are rounded: right at the threshold either is right
+            assert served.ort_threads == ort_threads_choice(cores, seconds)[0]
 
 
 def test_choose_ort_threads_times_the_graph_with_both_thread_counts(default_bundle):
     from export.bundle import IMAGE_ONNX
     threads, report = choose_ort_threads(default_bundle / IMAGE_ONNX, 64, cores=2, budget_s=0.2)
     assert threads in (1, 2) and report["used"] == threads
+    assert report["reason"].startswith("every core" if threads == 2 else "one core left to the event loop")
     assert set(report["images_per_s"]) == {"1", "2"} and all(v > 0 for t in report["images_per_s"].values() for v in t.values())
