@@ -26,7 +26,6 @@ import platform
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 from typing import Callable, Iterable
 
 # What a user may ask for (``--precision``); ``cuda-bf16`` is what a legacy ``amp: true`` config did
@@ -202,7 +201,7 @@ def cgroup_cpu_quota(membership: str, root: Path = Path("/sys/fs/cgroup")) -> fl
         if hierarchy == "0" and controllers == "":
             quotas += _walk_up(root, path, lambda folder: parse_cpu_max((folder / "cpu.max").read_text()))
         elif "cpu" in controllers.split(","):
-            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct"):
+            for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu"):
                 if mount.is_dir():
                     quotas += _walk_up(mount, path, _cfs_quota)
                     break

@@ -154,6 +154,8 @@ def _cgroup_files(root, files):
     # cgroup v1, cpu and cpuacct mounted together; -1 = unlimited
     ("4:memory:/docker/x\n3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "250000",
                                                       "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, 2.5),
+    ("3:cpu,cpuacct:/docker/x\n", {"cpuacct,cpu/docker/x/cpu.cfs_quota_us": "100000",  # mounted the other way round
+                                   "cpuacct,cpu/docker/x/cpu.cfs_period_us": "100000"}, 1.0),
     ("3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "-1",
                                    "cpu,cpuacct/docker/x/cpu.cfs_period_us": "100000"}, None),
     ("3:cpu,cpuacct:/docker/x\n", {"cpu,cpuacct/docker/x/cpu.cfs_quota_us": "nonsense",
