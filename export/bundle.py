@@ -230,11 +230,12 @@ def load_twin(bundle_dir: str | Path, manifest: dict[str, Any]):
 
 
 def load_bundle(bundle_dir: str | Path, providers: Sequence[str] | None = None, check: bool = True,
-                ort_threads: int = 0) -> Bundle:
+                ort_threads: int = 0, verified_manifest: dict[str, Any] | None = None) -> Bundle:
     """Verify the files, open the ONNX sessions (``ort_threads`` intra-op threads each, 0: ONNX Runtime's
-    default), rebuild the twin and (``check``) compare the two."""
+    default), rebuild the twin and (``check``) compare the two. ``verified_manifest``: what this process's
+    own ``verify_bundle`` of the folder just returned (the files are not hashed a second time)."""
     bundle_dir = Path(bundle_dir)
-    manifest = verify_bundle(bundle_dir)
+    manifest = verified_manifest if verified_manifest is not None else verify_bundle(bundle_dir)
     bundle = Bundle(bundle_dir, manifest, onnx_session(bundle_dir / IMAGE_ONNX, providers, threads=ort_threads),
                     onnx_session(bundle_dir / TEXT_ONNX, providers, threads=ort_threads), load_twin(bundle_dir, manifest),
                     ort_threads)

@@ -261,13 +261,15 @@ class ServingModel:
             raise ValueError(f"CAPT_ORT_THREADS must be >= 0 (0: auto), got {self.limits.ort_threads}")
         self.hardware = detect()
         self.ort_threads_report = {"used": self.limits.ort_threads, "reason": "CAPT_ORT_THREADS"}
+        manifest = None
         if not self.limits.ort_threads:  # auto (serving/engine.py), timed on the verified graph
             manifest = verify_bundle(bundle_dir)
             self.ort_threads_report = choose_ort_threads(Path(bundle_dir) / IMAGE_ONNX,
                                                          manifest["inputs"]["image"]["shape"][-1],
                                                          self.hardware.compute_cores)[1]
         self.ort_threads = self.ort_threads_report["used"]
-        self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads)
+        self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads,
+                                  verified_manifest=manifest)
         self.bundle_dir, self.manifest = self.bundle.path, self.bundle.manifest
         self.image_session, self.text_session = self.bundle.image_session, self.bundle.text_session
         self.provider = self.bundle.provider

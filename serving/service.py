@@ -184,7 +184,6 @@ class Classifier:
             return await self._on_thread(
                 lambda: self.model.pixels([read_upload(path, limits.max_upload_bytes, limits.max_image_pixels)]))
         image = open_upload(path, limits.max_upload_bytes, limits.max_image_pixels)
-        self.model.check_resize(image)  # before decoding: the header tells
         if not decodes_inline(image, self.model.resized_pixels(image)):
             return await self._on_thread(lambda: self.model.pixels([load_upload(image)]))
         return self.model.pixels([load_upload(image)])

@@ -55,41 +55,31 @@ def test_each_caller_gets_its_own_rows_and_waiting_callers_share_one_batch():
     assert encoder.batches == [1, 7]
 
 
-def test_a_batch_stops_at_max_batch_rows_without_splitting_a_job():
+def _queued_behind_a_running_batch(max_batch: int, sizes: list[int]):
+    """Jobs of ``sizes`` rows queued while a batch of 1 runs: (each job's answer, the batch sizes)."""
     encoder = SlowDouble()
-    batcher = MicroBatcher(encoder, max_batch=4)
+    batcher = MicroBatcher(encoder, max_batch=max_batch)
 
     async def scenario():
         blocker = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
         await until(encoder.started.is_set, "the first batch")
-        waiting = [asyncio.ensure_future(batcher.encode_async(np.ones((3, 2)))) for _ in range(3)]
-        await until(lambda: len(batcher._pending) == 3, "the callers to queue")
-        encoder.release.set()
-        await blocker
-        return await asyncio.gather(*waiting)
-
-    results = asyncio.run(scenario())
-    assert [r.shape for r in results] == [(3, 2)] * 3
-    assert encoder.batches == [1, 3, 3, 3]  # 3+3 would pass 4 rows: each job of 3 runs in a batch of its own
-
-
-def test_jobs_fill_a_batch_up_to_max_batch_and_a_larger_job_runs_alone():
-    encoder = SlowDouble()
-    batcher = MicroBatcher(encoder, max_batch=4)
-
-    async def scenario():
-        blocker = asyncio.ensure_future(batcher.encode_async(np.zeros((1, 2))))
-        await until(encoder.started.is_set, "the first batch")
-        sizes = [2, 2, 5, 1, 1]
         waiting = [asyncio.ensure_future(batcher.encode_async(np.full((n, 2), float(n)))) for n in sizes]
         await until(lambda: len(batcher._pending) == len(sizes), "the callers to queue")
         encoder.release.set()
         await blocker
-        return sizes, await asyncio.gather(*waiting)
+        return await asyncio.gather(*waiting)
 
-    sizes, results = asyncio.run(scenario())
+    return asyncio.run(scenario()), encoder.batches
+
+
+@pytest.mark.parametrize("sizes, batches", [
+    ([3, 3, 3], [1, 3, 3, 3]),  # 3+3 would pass 4 rows: each job of 3 runs in a batch of its own
+    ([2, 2, 5, 1, 1], [1, 4, 5, 2]),  # 2+2 fill 4; 5 is over max_batch and runs alone; then 1+1
+])
+def test_jobs_fill_a_batch_up_to_max_batch_rows_never_split_and_a_larger_job_runs_alone(sizes, batches):
+    results, ran = _queued_behind_a_running_batch(4, sizes)
     assert [len(r) for r in results] == sizes and all(np.all(r == 2 * n) for r, n in zip(results, sizes))
-    assert encoder.batches == [1, 4, 5, 2]  # 2+2 fill 4; 5 is over max_batch and runs alone; then 1+1
+    assert ran == batches
 
 
 def test_a_caller_that_went_away_is_left_out_of_the_next_batch():
