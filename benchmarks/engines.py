@@ -44,7 +44,7 @@ def worker_engine(config: dict) -> dict:
     embeddings = np.concatenate([engine.encode(samples[i:i + 32]) for i in range(0, len(samples), 32)])
     similarity = embeddings @ text.T
     result = {"engine": engine.name, "applies": candidate.applies, "why": candidate.why, "samples": len(samples),
-              "sample_source": source, "throughput": {},
+              "sample_source": source, "throughput": {}, "fixed_batch": getattr(engine, "fixed_batch", None),
               # the server's batch-invariance test (serving/engine.py): alone vs inside mixed batches
               "batch_max_abs_diff": batch_dependence(engine, samples[:32], embeddings[:32])}
     for batch in config["batches"]:
@@ -126,6 +126,7 @@ def run(quick: bool) -> dict:
             for batch in BATCHES:
                 row[f"img/s b{batch}"] = round(entry["throughput"][str(batch)], 1)
                 row[f"vs fp32 b{batch}"] = ratio(entry["throughput"][str(batch)], reference[str(batch)])
+            row["chunk"] = entry.get("fixed_batch") or "-"
             row["top-1 agree"] = round(entry["top1_agreement"], 4)
             row["near ties"] = entry.get("top1_near_ties", 0)
             row["batch diff"] = float(f"{entry['batch_max_abs_diff']:.2g}")
@@ -143,7 +144,7 @@ def run(quick: bool) -> dict:
         summary[f"{model_name}: start-up choice seconds"] = auto["seconds"]
         summary[f"{model_name}: ONNX Runtime threads"] = f"{auto['ort_threads']}: {auto['ort_threads_report']['reason']}"
         choices[model_name] = {"engine": auto["report"], "ort_threads": auto["ort_threads_report"]}
-    columns = ["model", "path", *[f"{k} b{b}" for b in BATCHES for k in ("img/s", "vs fp32")], "top-1 agree",
+    columns = ["model", "path", *[f"{k} b{b}" for b in BATCHES for k in ("img/s", "vs fp32")], "chunk", "top-1 agree",
                "near ties", "batch diff", "safe", "capability says", "served (auto)", "note"]
     notes = [f"safe: top-1 agreement with the fp32 graph >= {SAFE_AGREEMENT:.0%} on the bundle's sample images "
              f"({samples} for the default model, {min(samples, 32)} for {LARGE_MODEL}), near ties aside, and batch "
@@ -155,6 +156,8 @@ def run(quick: bool) -> dict:
              "sample batch, a reduced path must gain 10% over fp32); the figures of the row are this benchmark's "
              "longer timing; the other rows run with ONNX Runtime's default threads (one per core), as an "
              "encoder alone would",
+             "chunk: torch-bf16 runs every batch as chunks of one size (chosen by timing when it loads), the "
+             "last padded, because bf16 kernels change with the batch size; `img/s b1` then includes the padding",
              "every path is timed here whatever auto would offer (`capability says`), so that a path that "
              "capability rules out is seen to be slower, not assumed so",
              "GPU paths (onnx-cuda-fp32, onnx-cuda-fp16, tensorrt) are coded in serving/engine.py; they are "

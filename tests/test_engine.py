@@ -6,7 +6,7 @@ import torch
 from capt.hardware import Hardware, detect
 from export.bundle import load_bundle
 from serving.engine import (ENGINES, MAX_BATCH_DIFF, Candidate, DerivedGraphFailed, EngineError, ImageEngine,
-                            OnnxEngine, _derived_graph, candidates, choose_engine)
+                            OnnxEngine, TorchAutocastEngine, _derived_graph, candidates, choose_engine)
 from serving.model import Limits, ServingModel
 
 BARE = Hardware.from_flags(set())  # an x86 CPU without AVX2: only the exported fp32 graph applies
@@ -251,3 +251,66 @@ def test_a_machine_error_while_deriving_a_graph_is_not_recorded(bundle, tmp_path
         with pytest.raises(OSError, match="No space left"):
             _derived_graph(bundle, "int8", disk_full)
     assert calls == ["write", "write"] and not list(tmp_path.glob("*.failed"))
+
+
+def _bf16_engine(bundle, fixed_batch):
+    engine = TorchAutocastEngine.from_twin("torch-bf16", bundle.twin, "bf16", "cpu")  # no image size: no timing
+    engine.fixed_batch = fixed_batch
+    return engine
+
+
+def test_the_bf16_engine_casts_its_weights_once_and_leaves_the_twin_fp32(bundle):
+    engine = _bf16_engine(bundle, None)
+    assert {p.dtype for p in engine.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in bundle.twin.parameters()} == {torch.float32}  # the probe and its judge use the twin
+    pixels = np.random.default_rng(1).random((3, 3, 64, 64), dtype=np.float32)
+    exported = bundle.image_session.run(None, {"pixels": pixels})[0]
+    assert np.abs(engine.encode(pixels) - exported).max() < 0.05  # bf16 of the same embeddings, not others
+
+
+@pytest.mark.parametrize("fixed_batch", [2, 4])
+def test_the_bf16_engine_answers_an_image_alike_alone_and_in_any_batch(bundle, fixed_batch):
+    engine = _bf16_engine(bundle, fixed_batch)
+    pixels = np.random.default_rng(2).random((31, 3, 64, 64), dtype=np.float32)
+    batch = engine.encode(pixels)  # 31 images: chunks of 2 or 4, the last one padded
+    assert batch.shape == bundle.image_session.run(None, {"pixels": pixels})[0].shape
+    for index in (0, 3, 17, 30):  # first of a chunk, inside one, in the padded last one
+        alone = engine.encode(pixels[index:index + 1])
+        with_others = engine.encode(np.concatenate([1 - pixels[:2], pixels[index:index + 1]]))[-1]
+        assert np.abs(alone[0] - batch[index]).max() <= MAX_BATCH_DIFF / 100
+        assert np.abs(with_others - batch[index]).max() <= MAX_BATCH_DIFF / 100
+
+
+def test_the_bf16_engine_runs_its_chunks_at_one_size(bundle, monkeypatch):
+    """bf16 GEMM kernels change with the number of rows (ViT-B-32 on an AMX Xeon: 1.4e-3 between an image
+    alone and in a batch of 32); a fake run whose answer shifts with its batch's size stands in for them,
+    so that this fails without the fixed chunks on every CPU."""
+    engine = _bf16_engine(bundle, 4)
+    sizes = []
+    real = engine._run
+
+    def size_dependent(pixels):
+        sizes.append(len(pixels))
+        return real(pixels) + 1e-3 * len(pixels)
+    monkeypatch.setattr(engine, "_run", size_dependent)
+    pixels = np.random.default_rng(3).random((9, 3, 64, 64), dtype=np.float32)
+    batch = engine.encode(pixels)
+    assert batch.shape[0] == 9 and sizes == [4, 4, 4]
+    assert np.abs(engine.encode(pixels[8:9])[0] - batch[8]).max() <= MAX_BATCH_DIFF / 100
+    assert np.abs(engine.encode(pixels[1:2])[0] - batch[1]).max() <= MAX_BATCH_DIFF / 100
+
+
+def test_the_bf16_chunk_size_is_the_best_geometric_mean_within_the_budget(bundle, monkeypatch):
+    import serving.engine as engine_module
+    engine = _bf16_engine(bundle, None)
+    seconds = {1: 1.0, 2: 1.2, 4: 1.5, 8: 4.0, 16: 9.0}  # sqrt(size) / t: 1.00, 1.18, 1.33, 0.71, 0.44
+    ran = []
+    monkeypatch.setattr(engine, "_run", lambda pixels: ran.append(len(pixels)))
+    monkeypatch.setattr(engine_module, "_best_time", lambda fn, budget, minimum=1, maximum=10: seconds[ran[-1]])
+    size, details = engine.fastest_fixed_batch(8, budget_s=60)
+    assert size == 4 and details["fixed_batch"] == 4 and set(details["fixed_batch_img_s"]) == {"1", "2", "4", "8", "16"}
+    assert "chunks of 4" in details["fixed_batch_why"]
+    clock = iter(range(0, 1000, 10))  # every size "takes" 10 s of the clock: only the first fits a 5 s budget
+    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock))
+    size, details = engine.fastest_fixed_batch(8, budget_s=5)
+    assert size == 1 and set(details["fixed_batch_img_s"]) == {"1"}
