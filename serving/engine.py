@@ -151,8 +151,8 @@ class TorchAutocastEngine:
     def fastest_fixed_batch(self, image_size: int, budget_s: float = FIXED_BATCH_BUDGET_S,
                             sizes: Sequence[int] = FIXED_BATCHES) -> tuple[int, dict]:
         """The chunk size of ``sizes`` with the best geometric mean of a lone image's speed (1 / t) and a
-        full chunk's (size / t), t the best time of one chunk; larger sizes are skipped once ``budget_s``
-        is spent. Returns (size, details for the self-test report)."""
+        full chunk's (size / t), t the best time of one chunk, or the smallest within ``MIN_GAIN`` of it;
+        larger sizes are skipped once ``budget_s`` is spent. Returns (size, details for the report)."""
         pixels = np.random.default_rng(0).random((max(sizes), 3, image_size, image_size), dtype=np.float32)
         started, seconds = time.perf_counter(), {}
         for size in sizes:
@@ -161,11 +161,14 @@ class TorchAutocastEngine:
             chunk = pixels[:size]
             self._run(chunk)  # warm-up: oneDNN makes its kernels for a new shape at the first call
             seconds[size] = _best_time(lambda: self._run(chunk), 0.0, minimum=2, maximum=2)
-        best = max(seconds, key=lambda size: math.sqrt(size) / seconds[size])
+        score = {size: math.sqrt(size) / t for size, t in seconds.items()}
+        # Near ties go to the smaller chunk (a lone request's latency): a larger one must gain MIN_GAIN.
+        best = min(size for size in score if score[size] * MIN_GAIN >= max(score.values()))
         return best, {"fixed_batch": best, "fixed_batch_img_s": {str(s): round(s / t, 1) for s, t in seconds.items()},
                       "fixed_batch_why": (f"every encoder call runs chunks of {best} images (bf16 kernels change "
                                           "with the batch size, so a fixed size keeps answers batch-invariant); "
-                                          f"{best} had the best geometric mean of lone-image and full-chunk speed")}
+                                          f"{best}: the smallest size within {MIN_GAIN:.2f}x of the best geometric mean of "
+                                          "lone-image and full-chunk speed")}
 
 
 @dataclass

@@ -310,6 +310,8 @@ def test_the_bf16_chunk_size_is_the_best_geometric_mean_within_the_budget(bundle
     size, details = engine.fastest_fixed_batch(8, budget_s=60)
     assert size == 4 and details["fixed_batch"] == 4 and set(details["fixed_batch_img_s"]) == {"1", "2", "4", "8", "16"}
     assert "chunks of 4" in details["fixed_batch_why"]
+    seconds.update({1: 1.0, 2: 1.3, 4: 1.9})  # 1.00, 1.09, 1.05: a near tie goes to the smaller chunk
+    assert engine.fastest_fixed_batch(8, budget_s=60, sizes=(1, 2, 4))[0] == 1
     clock = iter(range(0, 1000, 10))  # every size "takes" 10 s of the clock: only the first fits a 5 s budget
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock))
     size, details = engine.fastest_fixed_batch(8, budget_s=5)
