@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, load_training_state, save_training_state
 from .data.fashion import FASHION_MNIST_CLASSNAMES, fashion_mnist_arrays
 from .data.toyworld import caption_sample, held_out_pairs
-from .hardware import autocast_factory, check_precision, resolve_precision
+from .hardware import autocast_factory, check_precision, resolve_precision, timed_precision
 from .models import create_clip
 
 
@@ -167,10 +167,10 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
     mean = torch.tensor(clip.preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(clip.preprocess_cfg["std"]).view(1, 3, 1, 1)
     clip_loss = ClipLoss()
-    precision = resolve_precision(config.precision, "cpu")  # pretraining runs on the CPU
+    output_dir.mkdir(parents=True, exist_ok=True)
+    precision = _pretrain_precision(config, model, clip, output_dir, resumed=start > 0, mean=mean, std=std)
     autocast = autocast_factory(precision, "cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=precision == "fp16")
-    output_dir.mkdir(parents=True, exist_ok=True)
     log = output_dir / "pretrain_metrics.jsonl"
     if start == 0:
         log.unlink(missing_ok=True)  # a rebuild into the folder of a finished run starts a new log
@@ -205,6 +205,39 @@ def pretrain(config: PretrainConfig, output_dir: str | Path, resume: bool = Fals
     atomic_write_text(output_dir / "pretrain_config.json",
                       json.dumps({**asdict(config), "precision_used": precision}, indent=2))
     return weights
+
+
+PRECISION_FILE = "pretrain_precision.json"
+
+
+def _pretrain_precision(config: PretrainConfig, model: torch.nn.Module, clip, output_dir: Path, resumed: bool,
+                        mean: torch.Tensor, std: torch.Tensor) -> str:
+    """The concrete precision of the run (pretraining runs on the CPU). ``auto`` where the machine offers
+    a reduced precision is timed on one step of this model (``timed_precision``); the choice is kept in
+    ``pretrain_precision.json`` so that a resumed run continues in it rather than timing again."""
+    precision = resolve_precision(config.precision, "cpu")
+    if config.precision != "auto" or precision == "fp32":
+        return precision
+    chosen = output_dir / PRECISION_FILE
+    if resumed and chosen.is_file():
+        return json.loads(chosen.read_text())["precision"]
+    count = min(config.batch_size, 32)
+    size = clip.image_size
+    tokens = clip.tokenizer(["a photo of a red circle"] * count)
+    loss = ClipLoss()
+
+    def step() -> None:
+        pixels = torch.rand(count, 3, size, size)
+        image_features = model.encode_image((pixels - mean) / std, normalize=True).float()
+        text_features = model.encode_text(tokens, normalize=True).float()
+        loss(image_features, text_features, model.logit_scale.exp()).backward()
+
+    try:
+        precision, why = timed_precision(step, "cpu")
+    finally:
+        model.zero_grad(set_to_none=True)
+    atomic_write_text(chosen, json.dumps({"precision": precision, "why": why}, indent=2) + "\n")
+    return precision
 
 
 def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import time
@@ -37,10 +38,12 @@ from .attacks import PGD
 from .checkpoint import LATEST_FILE, atomic_write_text, read_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttackConfig, TrainConfig
 from .data import load_dataset
-from .hardware import LEGACY_AMP, autocast_factory, resolve_precision
+from .hardware import LEGACY_AMP, autocast_factory, resolve_precision, timed_precision
 from .losses import capt_loss
 from .models import create_clip, pixel_transform
 from .prompts import PromptConfig, PromptedCLIP, ZeroShotClassifier
+
+logger = logging.getLogger("capt.train")
 
 # Keys that change no result: a run may resume with other values, and they do not name its folder.
 _RESUME_FREE_KEYS = ("output_dir", "num_workers", "device", "keep_checkpoints", "curve", "grad_checkpointing")
@@ -147,6 +150,25 @@ class _TrainingStep(nn.Module):
         adversarial = attack(images, labels, target_probs=target_probs)
         adv_logits = model.logits(model.encode_image(adversarial), text).float()
         return clean_logits, adv_logits
+
+
+def _timed_training_precision(model: PromptedCLIP, tokens: torch.Tensor, config: TrainConfig, data,
+                              device: torch.device) -> tuple[str, str]:
+    """``timed_precision`` of one training step (the attack included) on the first few training images;
+    the gradients it leaves on the prompts are dropped."""
+    count = min(config.batch_size, len(data), 8)
+    images = torch.stack([data.dataset[i][0] for i in range(count)]).to(device)
+    labels = torch.tensor([int(data.dataset[i][1]) for i in range(count)], device=device)
+    step = _TrainingStep(model, tokens, config.attack, clean_in_graph=config.loss.ce_on == "clean")
+
+    def run() -> None:
+        clean, adversarial = step(images, labels, 0)
+        (clean.sum() + adversarial.sum()).backward()
+
+    try:
+        return timed_precision(run, device)
+    finally:
+        model.zero_grad(set_to_none=True)
 
 
 def _epoch_order(config: TrainConfig, epoch: int, size: int) -> list[int]:
@@ -289,6 +311,11 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         # A key added after the run was written held its default then (what the code did before it existed).
         saved = {**{k: v for k, v in TrainConfig().to_dict().items() if k != "precision"}, **saved}
         saved["precision"] = resolve_precision(saved.get("precision", LEGACY_AMP), device)  # a legacy amp run
+        if config.precision == "auto" and saved["precision"] in ("fp32", precision):
+            # auto chose this by timing when the run started (fp32 where the model gained nothing from
+            # the machine's reduced precision): a resume is not timed again, it continues that choice.
+            precision = saved["precision"]
+            record["precision"] = precision
         if _comparable(saved) != _comparable(record):
             changed = sorted(k for k in {**_comparable(saved), **_comparable(record)} if saved.get(k) != record.get(k))
             raise ValueError(f"--resume with a different configuration ({', '.join(changed)}); "
@@ -306,6 +333,15 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         frozen_text = reference.encode_labels(data.classnames)  # the hand prompt of f_0
 
     params = list(model.prompt_parameters().values())
+    if config.precision == "auto" and precision != "fp32" and not resume and not distributed.enabled:
+        # The rule offers a reduced precision; whether it is faster for this model is measured (one
+        # step's forward and backward, each way). Ranks of a distributed run keep the rule: timed
+        # apart, they could choose differently.
+        precision, why = _timed_training_precision(model, tokens, config, data, device)
+        record["precision"] = precision
+        logger.info("precision auto: %s", why)
+        if progress and distributed.is_main:
+            tqdm.write(f"precision auto: {why}")
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     per_rank = math.ceil(len(data) / distributed.world_size)
     steps_per_epoch = math.ceil(per_rank / config.batch_size)

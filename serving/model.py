@@ -21,7 +21,8 @@ from PIL import Image
 
 from capt.attacks import PGD
 from capt.data.templates import check_template
-from capt.hardware import autocast_factory, check_precision, detect, resolve_precision
+from capt.hardware import (autocast_factory, check_precision, detect, precision_reason, resolve_precision,
+                           timed_precision)
 from capt.images import pixel_transform, resized_size
 from capt.prompts import ZeroShotClassifier
 from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, verify_bundle
@@ -284,13 +285,29 @@ class ServingModel:
         override = engine if engine is not None else os.environ.get("CAPT_ENGINE", "auto")
         self.engine, self.engine_report = choose_engine(self.bundle, self.hardware, override, providers)
         logger.info("image encoder: %s (%s)", self.engine.name, self.engine_report["reason"])
-        self.probe_precision = resolve_precision(check_precision(self.limits.probe_precision), "cpu", self.hardware)
+        self.probe_precision, self.probe_precision_why = self._probe_precision(check_precision(self.limits.probe_precision))
         self.transform = pixel_transform(self.torch_model.preprocess_cfg)
         self.logit_scale = self.bundle.logit_scale
         self.label_cache = LabelCache(self.limits.label_cache_size)
         self.probe_slots = threading.BoundedSemaphore(self.limits.max_concurrent_probes)
         self.probes_run = 0
         self.probe_seconds = 0.0
+
+    def _probe_precision(self, requested: str) -> tuple[str, str]:
+        """The probe's attack precision: ``auto`` where the machine offers a reduced one is timed on one
+        attack step of the twin (forward and backward to the pixels, batch 1, as a probe runs)."""
+        precision = resolve_precision(requested, "cpu", self.hardware)
+        if requested != "auto":
+            return precision, f"CAPT_PROBE_PRECISION={requested}"
+        if precision == "fp32":
+            return precision, precision_reason("cpu", self.hardware)
+        size = int(self.bundle.manifest["inputs"]["image"]["shape"][-1])
+        pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def attack_step() -> None:
+            image = pixels.clone().requires_grad_(True)
+            torch.autograd.grad(self.torch_model.encode_image(image).float().sum(), image)
+        return timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
 
     # ---- encoders -----------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -724,6 +741,7 @@ class ServingModel:
                                         "one core left to the event loop unless the encoder needs them all"},
                 "image_engine": {**self.engine_report, "serving": self.engine.name},
                 "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
+                                    "why": self.probe_precision_why,
                                     "note": "autocast of the attack steps; the final image is judged in fp32"},
                 "hardware": self.hardware.to_dict()}
 

@@ -316,3 +316,21 @@ def test_the_bf16_chunk_size_is_the_best_geometric_mean_within_the_budget(bundle
     monkeypatch.setattr(engine_module.time, "perf_counter", lambda: next(clock))
     size, details = engine.fastest_fixed_batch(8, budget_s=5)
     assert size == 1 and set(details["fixed_batch_img_s"]) == {"1"}
+
+
+def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monkeypatch):
+    import capt.hardware
+    import serving.model
+    model = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+    timed = []
+
+    def fake_timing(step, device, hardware=None, budget_s=None):
+        step()  # a real forward and backward of the twin to its pixels
+        timed.append(device)
+        return "fp32", "fp32: bf16 measured slower on this model (test)"
+    monkeypatch.setattr(serving.model, "timed_precision", fake_timing)
+    assert model._probe_precision("auto") == ("fp32", "fp32: bf16 measured slower on this model (test)")
+    assert model._probe_precision("bf16") == ("bf16", "CAPT_PROBE_PRECISION=bf16") and timed == ["cpu"]
+    assert all(p.grad is None for p in model.torch_model.parameters())  # the step touched no weights
+    assert model.info()["probe_precision"]["why"]

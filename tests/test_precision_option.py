@@ -148,3 +148,74 @@ def test_cli_refuses_a_reduced_precision_with_attacks(capsys):
     assert main(["eval", "--model", "capt-tiny-vit", "--data", "imagefolder:nowhere", "--precision", "bf16",
                  "--eps", "1/255"]) == 2
     assert "clean-only" in capsys.readouterr().err
+
+
+def _step_taking(seconds_fp32, seconds_reduced, calls):
+    import time
+
+    def step():
+        calls.append(torch.is_autocast_enabled("cpu"))
+        torch.rand(3)  # the global RNG is the caller's: timed_precision restores it
+        time.sleep(seconds_reduced if torch.is_autocast_enabled("cpu") else seconds_fp32)
+    return step
+
+
+def test_auto_keeps_fp32_without_timing_where_the_machine_offers_nothing_faster():
+    from capt.hardware import timed_precision
+    calls = []
+    assert timed_precision(_step_taking(0.03, 0.01, calls), "cpu", AVX2_CPU)[0] == "fp32" and calls == []
+
+
+def test_auto_takes_the_reduced_precision_only_where_the_model_runs_faster_in_it():
+    from capt.hardware import timed_precision
+    calls = []
+    state = torch.random.get_rng_state()
+    precision, why = timed_precision(_step_taking(0.03, 0.01, calls), "cpu", BF16_CPU)
+    assert precision == "bf16" and "in fp32" in why and "bf16" in why
+    assert True in calls and False in calls and torch.equal(torch.random.get_rng_state(), state)
+    precision, why = timed_precision(_step_taking(0.01, 0.03, []), "cpu", BF16_CPU)  # 0.33x: the tiny-model case
+    assert precision == "fp32" and "under the 1.10x" in why
+    precision, _ = timed_precision(_step_taking(0.0105, 0.01, []), "cpu", BF16_CPU)  # 1.05x: not worth bf16's noise
+    assert precision == "fp32"
+
+
+def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, colour_folder, monkeypatch):
+    import capt.hardware
+    import capt.train
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+    timed = []
+
+    def fake_timing(step, device):
+        step()  # the real step runs (its gradients are dropped by the trainer)
+        timed.append(device)
+        return "fp32", "fp32: measured slower in bf16 (test)"
+    monkeypatch.setattr(capt.train, "timed_precision", fake_timing)
+    values = {"model": "capt-tiny-vit", "pretrained": "none", "method": "capt", "device": "cpu", "precision": "auto",
+              "data": {"name": "imagefolder", "root": str(colour_folder), "split": "train"}, "shots": 2,
+              "epochs": 2, "batch_size": 3, "attack": {"eps": "1/255", "steps": 1}, "output_dir": str(tmp_path / "run")}
+    run = train(TrainConfig.from_dict(values), progress=False, stop_after_epoch=1)
+    assert len(timed) == 1 and yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp32"
+    train(TrainConfig.from_dict(values), resume=True, progress=False)  # auto (rule: bf16) continues the fp32 run
+    assert len(timed) == 1  # not timed again
+    explicit = train(TrainConfig.from_dict({**values, "precision": "bf16", "output_dir": str(tmp_path / "b")}),
+                     progress=False, stop_after_epoch=1)
+    assert len(timed) == 1 and yaml.safe_load((explicit / "config.yaml").read_text())["precision"] == "bf16"
+
+
+def test_timing_auto_leaves_no_trace_in_the_run(tmp_path, colour_folder, monkeypatch):
+    """An auto run that timed both precisions and kept fp32 trains exactly as an fp32 run: the timing's
+    gradients are dropped and the RNG it used is restored."""
+    import capt.hardware
+    from capt.checkpoint import read_checkpoint
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+    monkeypatch.setattr(capt.hardware, "MIN_PRECISION_GAIN", 1e9)  # the real timing runs, then keeps fp32
+    values = {"model": "capt-tiny-vit", "pretrained": "none", "method": "capt", "device": "cpu",
+              "data": {"name": "imagefolder", "root": str(colour_folder), "split": "train"}, "shots": 2,
+              "epochs": 1, "batch_size": 3, "attack": {"eps": "1/255", "steps": 2}}
+    auto = train(TrainConfig.from_dict({**values, "precision": "auto", "output_dir": str(tmp_path / "a")}), progress=False)
+    exact = train(TrainConfig.from_dict({**values, "precision": "fp32", "output_dir": str(tmp_path / "f")}), progress=False)
+    assert yaml.safe_load((auto / "config.yaml").read_text())["precision"] == "fp32"
+    prompts_auto, prompts_exact = read_checkpoint(auto)[1], read_checkpoint(exact)[1]
+    assert prompts_auto.keys() == prompts_exact.keys()
+    for name in prompts_auto:
+        assert torch.equal(prompts_auto[name], prompts_exact[name]), name

@@ -60,8 +60,10 @@ def test_fashion_captions_name_their_class_and_claim_only_it(tmp_path):
 
 
 def _tiny_config(**overrides):
+    # fp32: where the machine offers bf16 (AMX), auto times both on each new run and two runs compared here
+    # could choose differently (tests/test_pretrain.py's auto test covers that path)
     values = dict(model="capt-tiny-vit", steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, fashion_root=None,
-                  data_workers=0)
+                  data_workers=0, precision="fp32")
     return PretrainConfig(**{**values, **overrides})
 
 
@@ -113,3 +115,31 @@ def test_gains_biases_and_temperature_are_not_weight_decayed():
     assert "visual.transformer.resblocks.0.mlp.c_fc.weight" in {names[id(p)] for p in decayed["params"]}
     assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
     assert len(decayed["params"]) + len(kept["params"]) == len(list(model.parameters()))
+
+
+def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+    import capt.hardware
+    import capt.pretrain
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+    timed = []
+
+    def fake_timing(step, device):
+        step()  # the real step runs; its gradients are dropped
+        timed.append(device)
+        return "bf16", "bf16 autocast: faster here (test)"
+    monkeypatch.setattr(capt.pretrain, "timed_precision", fake_timing)
+    original = CaptionStream.__getitem__
+
+    def crash_in_step_three(self, index):
+        if index >= 2 * 8:
+            raise KeyboardInterrupt
+        return original(self, index)
+    monkeypatch.setattr(CaptionStream, "__getitem__", crash_in_step_three)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(_tiny_config(precision="auto"), tmp_path / "run", progress=False)
+    assert timed == ["cpu"]
+    assert json.loads((tmp_path / "run" / "pretrain_precision.json").read_text())["precision"] == "bf16"
+    monkeypatch.setattr(capt.pretrain, "timed_precision", lambda step, device: ("fp32", "would differ"))
+    monkeypatch.setattr(CaptionStream, "__getitem__", original)
+    pretrain(_tiny_config(precision="auto"), tmp_path / "run", resume=True, progress=False)
+    assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["precision_used"] == "bf16"
