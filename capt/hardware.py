@@ -12,7 +12,9 @@ Xeon with AMX, but slower than fp32 wherever there is none: 0.15x on an AVX2-onl
 through fp32), and on AMD Zen 5 with AVX512_BF16 but no AMX 0.56x for a CAPT training step, 0.36x for a
 pretraining step and 0.30x / 0.43x for inference of the default model / ViT-B-32 at batch 32
 (benchmarks/results/precision.* and engines.*; the README's Performance). AVX512_BF16 alone is
-"native bf16" (:attr:`Hardware.native_bf16_cpu`) but does not make PyTorch's bf16 fast.
+"native bf16" (:attr:`Hardware.native_bf16_cpu`) but does not make PyTorch's bf16 fast. Even with
+AMX, a small model loses (the default model's CAPT step: 0.44x on an AMX Xeon, 2026-12-02), so
+training, pretraining and the probe time their own step (:func:`timed_precision`) before taking bf16.
 ``python -m capt.hardware`` prints the description as JSON (``capt info`` as text).
 """
 from __future__ import annotations
@@ -337,7 +339,9 @@ def precision_reason(device, hardware: Hardware | None = None) -> str:
                 f"fp16 autocast: CUDA capability {cap} < 8.0 has no fast bf16 (fp16 with a gradient scaler in training)")
     if kind == "cpu":
         if chosen == "bf16":
-            return "bf16 autocast: the CPU has AMX-BF16 (bf16 autocast measured 4.8x fp32 on ViT-B-32, Intel Xeon with AMX)"
+            return ("bf16 autocast where a timing of the model shows it 1.1x faster than fp32 (training, pretraining, the "
+                    "probe: timed_precision), fp32 where not: the CPU has AMX-BF16 (on an AMX Xeon: ViT-B-32 2.5x, "
+                    "the default model's CAPT step 0.44x)")
         if not hardware.flags_known:
             return "fp32: the CPU's features are unknown here (no /proc/cpuinfo), so AMX-BF16 is not assumed"
         if hardware.has("avx512_bf16"):

@@ -22,8 +22,9 @@ embeddings inside larger mixed batches to ``MAX_BATCH_DIFF`` (max abs difference
 embeddings). The server's micro-batcher (``serving/batching.py``) puts concurrent requests' images in
 one encoder batch, so an engine that fails it answers a client according to other clients' requests.
 ONNX Runtime's dynamic int8 quantisation does (its activation scales are computed per batch tensor):
-measured on the default model, AMD Zen 5, 3.7e-3 to 6.3e-3 for onnx-int8 (torch-bf16: 1.9e-3), where
-onnx-fp32 differed by 0 (a GEMM's blocking may change with the batch size: ~1e-6 is fp32's level).
+measured on the default model, AMD Zen 5, 3.7e-3 to 6.3e-3 for onnx-int8, where onnx-fp32 differed by
+0 (a GEMM's blocking may change with the batch size: ~1e-6 is fp32's level). torch-bf16 did too
+(1.9e-3) until it ran fixed chunks (``FIXED_BATCHES``, below): 0 since.
 A reduced-precision path must also beat the fastest fp32 path by ``MIN_GAIN``: a short timing
 is noisy, and without a clear gain the exact path is worth more. Speed is the geometric mean of
 images/s at batch 1 (a lone request) and at the sample batch (a loaded server). The self-test is

@@ -14,7 +14,10 @@ TRAINABLE = [m for m in list_methods() if load_method(m).get("trainable", True)]
 
 
 def make_config(tmp_path, colour_folder, **overrides):
-    values = {"model": "capt-tiny-vit", "pretrained": "none", "method": "capt",
+    """A small training run. fp32 unless overridden: where the CPU offers bf16 (AMX), auto times a step
+    each way first, so two runs compared by a test could choose differently, and call-counting tests
+    would count the timing (tests/test_precision_option.py tests auto)."""
+    values = {"model": "capt-tiny-vit", "pretrained": "none", "method": "capt", "precision": "fp32",
               "data": {"name": "imagefolder", "root": str(colour_folder), "split": "train"},
               "shots": 4, "epochs": 3, "batch_size": 4, "warmup_epochs": 1, "lr": 0.05,
               "attack": {"eps": "2/255", "alpha": "1/255", "steps": 2},

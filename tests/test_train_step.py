@@ -14,14 +14,7 @@ from capt.config import load_method
 from capt.data import load_dataset
 from capt.models import pixel_transform
 from capt.train import train
-from test_train import TRAINABLE
-from test_train import make_config as _make_config
-
-
-def make_config(tmp_path, colour_folder, **overrides):
-    """test_train's config in fp32: these tests count what one step computes, and on a CPU whose rule
-    offers bf16 (AMX), auto first times a step each way (tests/test_precision_option.py tests that)."""
-    return _make_config(tmp_path, colour_folder, **{"precision": "fp32", **overrides})
+from test_train import TRAINABLE, make_config
 
 IMAGES = 12  # colour_folder: 3 classes x 4 shots
 CAPT_PACKAGE = str(Path(capt.__file__).resolve().parent)
@@ -88,7 +81,7 @@ def test_the_frozen_clip_sees_each_training_image_once_per_run(tmp_path, colour_
 
 
 def test_each_step_gets_the_frozen_predictions_of_its_own_images(tmp_path, colour_folder, monkeypatch):
-    # fp32 (make_config's): bf16's noise (up to 0.06 on an AMX Xeon) is larger than the 5e-3 between two
+    # fp32 (make_config's default): bf16's noise (up to 0.06 on an AMX Xeon) is larger than the 5e-3 between two
     # images' frozen logits, so rows could not be told apart
     config = make_config(tmp_path, colour_folder, epochs=2)
     torch.manual_seed(config.seed)
