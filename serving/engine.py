@@ -102,6 +102,16 @@ FIXED_BATCHES = (1, 2, 4, 8, 16)
 FIXED_BATCH_BUDGET_S = 2.0
 
 
+def reduced_copy(twin, dtype: str = "bf16", device: str = "cpu"):
+    """A copy of ``twin`` (eval mode) with its weights in ``dtype`` ("bf16" or "fp16"), for autocast
+    without a cast of every weight at every call; ``twin`` itself stays as it is."""
+    import copy
+
+    import torch
+    model = copy.deepcopy(twin).to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+    return model.eval()
+
+
 @dataclass
 class TorchAutocastEngine:
     """The PyTorch twin under autocast (``dtype`` "bf16" or "fp16") on ``device``, in chunks of
@@ -122,12 +132,7 @@ class TorchAutocastEngine:
         """A copy of ``twin`` with its weights in ``dtype`` (the twin itself stays fp32: the probe and the
         judge use it), and, given ``image_size``, the fixed chunk size that runs fastest here
         (:meth:`fastest_fixed_batch`)."""
-        import copy
-
-        import torch
-        model = copy.deepcopy(twin).to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-        model.eval()
-        engine = cls(name, model, dtype, device)
+        engine = cls(name, reduced_copy(twin, dtype, device), dtype, device)
         if image_size:
             engine.fixed_batch, engine.details = engine.fastest_fixed_batch(image_size, budget_s)
         return engine

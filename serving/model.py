@@ -29,7 +29,7 @@ from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, veri
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
-from .engine import REFERENCE, choose_engine, choose_ort_threads
+from .engine import REFERENCE, TorchAutocastEngine, choose_engine, choose_ort_threads, reduced_copy
 from .errors import Busy, ImageRejected, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -285,7 +285,8 @@ class ServingModel:
         override = engine if engine is not None else os.environ.get("CAPT_ENGINE", "auto")
         self.engine, self.engine_report = choose_engine(self.bundle, self.hardware, override, providers)
         logger.info("image encoder: %s (%s)", self.engine.name, self.engine_report["reason"])
-        self.probe_precision, self.probe_precision_why = self._probe_precision(check_precision(self.limits.probe_precision))
+        self.probe_precision, self.probe_precision_why, self.probe_model = self._probe_precision(
+            check_precision(self.limits.probe_precision))
         self.transform = pixel_transform(self.torch_model.preprocess_cfg)
         self.logit_scale = self.bundle.logit_scale
         self.label_cache = LabelCache(self.limits.label_cache_size)
@@ -293,21 +294,29 @@ class ServingModel:
         self.probes_run = 0
         self.probe_seconds = 0.0
 
-    def _probe_precision(self, requested: str) -> tuple[str, str]:
-        """The probe's attack precision: ``auto`` where the machine offers a reduced one is timed on one
-        attack step of the twin (forward and backward to the pixels, batch 1, as a probe runs)."""
+    def _probe_precision(self, requested: str) -> tuple[str, str, torch.nn.Module]:
+        """(precision, why, model) of the probe's attack steps. The model is the twin for fp32, else a
+        copy with its weights in that precision (the torch engine's own where it serves), so that autocast
+        casts no weight at every step. ``auto`` where the machine offers a reduced precision is timed on
+        one attack step (forward and backward to the pixels, batch 1, as a probe runs) each way."""
         precision = resolve_precision(requested, "cpu", self.hardware)
-        if requested != "auto":
-            return precision, f"CAPT_PROBE_PRECISION={requested}"
         if precision == "fp32":
-            return precision, precision_reason("cpu", self.hardware)
+            why = f"CAPT_PROBE_PRECISION={requested}" if requested != "auto" else precision_reason("cpu", self.hardware)
+            return precision, why, self.torch_model
+        engine = self.engine
+        reduced = (engine.model if isinstance(engine, TorchAutocastEngine) and engine.dtype == precision
+                   and engine.device == "cpu" else reduced_copy(self.torch_model, precision, "cpu"))
+        if requested != "auto":
+            return precision, f"CAPT_PROBE_PRECISION={requested}", reduced
         size = int(self.bundle.manifest["inputs"]["image"]["shape"][-1])
         pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
         def attack_step() -> None:
+            model = reduced if torch.is_autocast_enabled("cpu") else self.torch_model
             image = pixels.clone().requires_grad_(True)
-            torch.autograd.grad(self.torch_model.encode_image(image).float().sum(), image)
-        return timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
+            torch.autograd.grad(model.encode_image(image).float().sum(), image)
+        precision, why = timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
+        return precision, why, reduced if precision != "fp32" else self.torch_model
 
     # ---- encoders -----------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -526,11 +535,19 @@ class ServingModel:
         result["time_ms"] = round(1000 * elapsed, 1)
         return result
 
+    def _attack_classifier(self, classifier: "_Deadline") -> "_Deadline":
+        """``classifier`` (the fp32 twin's, which judges) on the probe's model, with the same deadline."""
+        if self.probe_model is self.torch_model:
+            return classifier
+        reduced = _Deadline(ZeroShotClassifier(self.probe_model, classifier.classifier.class_embeddings), classifier.seconds)
+        reduced.deadline = classifier.deadline
+        return reduced
+
     def _attack(self, view, classifier, target, eps, steps, step_size, restarts, seed, attack) -> "_Outcome":
         """Untargeted ``attack`` (CE on ``target``) in ``view``'s space with restarts. Each restart's image
         is quantised to the 8-bit grid inside the ball and judged by the twin on what the real pipeline
         makes of it; the restart with the lowest such margin wins, and a flip ends the search."""
-        attacked = view.attacked(_Autocast(classifier, self.probe_precision))  # the judge below stays fp32
+        attacked = view.attacked(_Autocast(self._attack_classifier(classifier), self.probe_precision))  # the judge stays fp32
         best = None
         for restart in range(restarts):
             # Restart 0 from the clean image: with few steps the signed gradient there leads straight to

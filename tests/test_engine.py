@@ -188,8 +188,23 @@ def test_the_probe_attacks_under_autocast_and_judges_in_fp32(default_bundle):
                          engine="onnx-fp32")
     image = Image.new("RGB", (64, 64), (200, 40, 40))
     labels = ["red", "green", "blue"]
-    result = model.probe(image, labels, eps=4 / 255, steps=3, attack="pgd", return_images=True)
+    assert {p.dtype for p in model.probe_model.parameters()} == {torch.bfloat16}  # weights cast once
+    attacked_dtypes = []
+    real_encode = type(model.torch_model).encode_image
+
+    def spy(self, pixels, *args, **kwargs):
+        attacked_dtypes.append(next(self.parameters()).dtype)
+        return real_encode(self, pixels, *args, **kwargs)
+    import capt.prompts
+    original = capt.prompts.PromptedCLIP.encode_image
+    capt.prompts.PromptedCLIP.encode_image = spy
+    try:
+        result = model.probe(image, labels, eps=4 / 255, steps=3, attack="pgd", return_images=True)
+    finally:
+        capt.prompts.PromptedCLIP.encode_image = original
     assert result["attack"]["precision"] == "bf16"
+    # the attack's steps ran on the bf16 copy, the clean prediction and the judgement on the fp32 twin
+    assert torch.bfloat16 in attacked_dtypes and torch.float32 in attacked_dtypes
     import base64
     import io
     adversarial = Image.open(io.BytesIO(base64.b64decode(result["adversarial_png"]))).convert("RGB")
@@ -330,7 +345,10 @@ def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monk
         timed.append(device)
         return "fp32", "fp32: bf16 measured slower on this model (test)"
     monkeypatch.setattr(serving.model, "timed_precision", fake_timing)
-    assert model._probe_precision("auto") == ("fp32", "fp32: bf16 measured slower on this model (test)")
-    assert model._probe_precision("bf16") == ("bf16", "CAPT_PROBE_PRECISION=bf16") and timed == ["cpu"]
+    assert model._probe_precision("auto") == ("fp32", "fp32: bf16 measured slower on this model (test)",
+                                               model.torch_model)
+    precision, why, reduced = model._probe_precision("bf16")
+    assert (precision, why) == ("bf16", "CAPT_PROBE_PRECISION=bf16") and timed == ["cpu"]
+    assert reduced is not model.torch_model and {p.dtype for p in reduced.parameters()} == {torch.bfloat16}
     assert all(p.grad is None for p in model.torch_model.parameters())  # the step touched no weights
     assert model.info()["probe_precision"]["why"]
