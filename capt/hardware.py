@@ -411,6 +411,14 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
                     f"under the {MIN_PRECISION_GAIN:.2f}x it must gain")
 
 
+def reduced_dtype(precision: str):
+    """The torch dtype of a concrete reduced ``precision`` ("bf16" or "fp16")."""
+    import torch
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"not a reduced precision: {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
 def autocast_factory(precision: str, device) -> Callable[[], contextlib.AbstractContextManager]:
     """A zero-argument factory of the autocast context for a concrete ``precision`` on ``device``
     (a null context for fp32)."""
@@ -420,7 +428,7 @@ def autocast_factory(precision: str, device) -> Callable[[], contextlib.Abstract
         raise ValueError(f"resolve {precision!r} first (resolve_precision)")
     if precision == "fp32":
         return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = reduced_dtype(precision)
     kind = _device_type(device)
     return lambda: torch.autocast(kind, dtype=dtype)
 

@@ -219,8 +219,9 @@ def _pretrain_precision(config: PretrainConfig, model: torch.nn.Module, clip, ou
     if config.precision != "auto" or precision == "fp32":
         return precision
     chosen = output_dir / PRECISION_FILE
-    if resumed and chosen.is_file():
-        return json.loads(chosen.read_text())["precision"]
+    if resumed:
+        # Continue what the run began in; a run without the record began before auto was timed: the rule.
+        return json.loads(chosen.read_text())["precision"] if chosen.is_file() else precision
     count = min(config.batch_size, 32)
     size = clip.image_size
     tokens = clip.tokenizer(["a photo of a red circle"] * count)

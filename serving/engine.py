@@ -50,7 +50,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from capt.hardware import Hardware
+from capt.hardware import Hardware, autocast_factory, reduced_dtype
 
 logger = logging.getLogger("capt.serving")
 
@@ -106,10 +106,7 @@ def reduced_copy(twin, dtype: str = "bf16", device: str = "cpu"):
     """A copy of ``twin`` (eval mode) with its weights in ``dtype`` ("bf16" or "fp16"), for autocast
     without a cast of every weight at every call; ``twin`` itself stays as it is."""
     import copy
-
-    import torch
-    model = copy.deepcopy(twin).to(device=device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-    return model.eval()
+    return copy.deepcopy(twin).to(device=device, dtype=reduced_dtype(dtype)).eval()
 
 
 @dataclass
@@ -139,8 +136,7 @@ class TorchAutocastEngine:
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         import torch
-        dtype = torch.bfloat16 if self.dtype == "bf16" else torch.float16
-        with torch.inference_mode(), torch.autocast(self.device, dtype=dtype):
+        with torch.inference_mode(), autocast_factory(self.dtype, self.device)():
             out = self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
         return out.float().cpu().numpy()
 

@@ -150,33 +150,39 @@ def test_cli_refuses_a_reduced_precision_with_attacks(capsys):
     assert "clean-only" in capsys.readouterr().err
 
 
-def _step_taking(seconds_fp32, seconds_reduced, calls):
-    import time
+def _step_taking(seconds_fp32, seconds_reduced, calls, monkeypatch):
+    """A step that "takes" the given seconds on a fake clock read by timed_precision: the verdict rests on
+    these figures, not on how this machine happens to sleep."""
+    import capt.hardware
+    clock = [0.0]
+    monkeypatch.setattr(capt.hardware.time, "perf_counter", lambda: clock[0])
 
     def step():
         calls.append(torch.is_autocast_enabled("cpu"))
         torch.rand(3)  # the global RNG is the caller's: timed_precision restores it
-        time.sleep(seconds_reduced if torch.is_autocast_enabled("cpu") else seconds_fp32)
+        clock[0] += seconds_reduced if torch.is_autocast_enabled("cpu") else seconds_fp32
     return step
 
 
-def test_auto_keeps_fp32_without_timing_where_the_machine_offers_nothing_faster():
+def test_auto_keeps_fp32_without_timing_where_the_machine_offers_nothing_faster(monkeypatch):
     from capt.hardware import timed_precision
     calls = []
-    assert timed_precision(_step_taking(0.03, 0.01, calls), "cpu", AVX2_CPU)[0] == "fp32" and calls == []
+    assert timed_precision(_step_taking(0.03, 0.01, calls, monkeypatch), "cpu", AVX2_CPU)[0] == "fp32" and calls == []
 
 
-def test_auto_takes_the_reduced_precision_only_where_the_model_runs_faster_in_it():
+def test_auto_takes_the_reduced_precision_only_where_the_model_runs_faster_in_it(monkeypatch):
     from capt.hardware import timed_precision
     calls = []
     state = torch.random.get_rng_state()
-    precision, why = timed_precision(_step_taking(0.03, 0.01, calls), "cpu", BF16_CPU)
-    assert precision == "bf16" and "in fp32" in why and "bf16" in why
+    precision, why = timed_precision(_step_taking(0.03, 0.01, calls, monkeypatch), "cpu", BF16_CPU)
+    assert precision == "bf16" and "30.0 ms in fp32, 10.0 ms in bf16, 3.00x" in why
     assert True in calls and False in calls and torch.equal(torch.random.get_rng_state(), state)
-    precision, why = timed_precision(_step_taking(0.01, 0.03, []), "cpu", BF16_CPU)  # 0.33x: the tiny-model case
-    assert precision == "fp32" and "under the 1.10x" in why
-    precision, _ = timed_precision(_step_taking(0.0105, 0.01, []), "cpu", BF16_CPU)  # 1.05x: not worth bf16's noise
+    precision, why = timed_precision(_step_taking(0.01, 0.03, [], monkeypatch), "cpu", BF16_CPU)  # the tiny-model case
+    assert precision == "fp32" and "0.33x" in why and "under the 1.10x" in why
+    precision, _ = timed_precision(_step_taking(0.0105, 0.01, [], monkeypatch), "cpu", BF16_CPU)  # 1.05x: not worth it
     assert precision == "fp32"
+    precision, _ = timed_precision(_step_taking(0.0111, 0.01, [], monkeypatch), "cpu", BF16_CPU)  # 1.11x
+    assert precision == "bf16"
 
 
 def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, colour_folder, monkeypatch):

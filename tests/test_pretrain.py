@@ -143,3 +143,16 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monke
     monkeypatch.setattr(CaptionStream, "__getitem__", original)
     pretrain(_tiny_config(precision="auto"), tmp_path / "run", resume=True, progress=False)
     assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["precision_used"] == "bf16"
+
+
+def test_a_resumed_run_without_the_recorded_choice_keeps_the_rule_it_began_under(tmp_path, monkeypatch):
+    import capt.hardware
+    import capt.pretrain
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+
+    def no_timing(step, device):
+        raise AssertionError("a resumed run is not timed")
+    monkeypatch.setattr(capt.pretrain, "timed_precision", no_timing)
+    # began before auto was timed (no pretrain_precision.json): it ran under the rule, and continues so
+    assert capt.pretrain._pretrain_precision(_tiny_config(precision="auto"), None, None, tmp_path, resumed=True,
+                                             mean=None, std=None) == "bf16"
