@@ -111,7 +111,7 @@ def run(quick: bool) -> dict:
                     measured[name] = {"error": error_text(err)}
             auto = run_worker("engines", "auto", {"bundle": str(bundle)})
             # The served path as it is served: with the threads auto chose (the rows above: ONNX Runtime's default).
-            served_name = f"{auto['engine']} served ({auto['ort_threads']} ONNX Runtime threads)"
+            served_name = f"{auto['engine']} served ({auto['ort_threads']} threads)"
             measured[served_name] = run_worker("engines", "engine", {
                 **base, "engine": auto["engine"], "ort_threads": auto["ort_threads"], "reference": reference_path})
         reference = measured["onnx-fp32"]["throughput"]
@@ -150,11 +150,12 @@ def run(quick: bool) -> dict:
              f"({samples} for the default model, {min(samples, 32)} for {LARGE_MODEL}), near ties aside, and batch "
              f"invariance (`batch diff`: max |alone - in batch| of normalised embeddings <= {MAX_BATCH_DIFF:g}, "
              "as the server's self-test: a micro-batched server must not answer by other requests)",
-             "served (auto): what the server runs: the ONNX Runtime threads `choose_ort_threads` picked (one core "
-             "left to the event loop unless the encoder runs 1.3x faster on all), and the path `choose_engine` "
+             "served (auto): what the server runs: the intra-op threads `choose_ort_threads` picked (one core "
+             "left to the event loop unless the encoder runs 1.3x faster on all; the torch engine computes on "
+             "the same count), and the path `choose_engine` "
              "picked in its own short self-test at start-up (a few seconds, geometric mean of batch 1 and its "
              "sample batch, a reduced path must gain 10% over fp32); the figures of the row are this benchmark's "
-             "longer timing; the other rows run with ONNX Runtime's default threads (one per core), as an "
+             "longer timing; the other rows run with the libraries' default threads (one per core), as an "
              "encoder alone would",
              "chunk: torch-bf16 runs every batch as chunks of one size (chosen by timing when it loads), the "
              "last padded, because bf16 kernels change with the batch size; `img/s b1` then includes the padding",

@@ -7,14 +7,15 @@ Everything that decides takes a :class:`Hardware` as a parameter, so that the ch
 with faked machines (``Hardware.from_flags({"avx2"})``); :func:`detect` describes the real one
 (Linux: ``/proc/cpuinfo``; elsewhere the flags are unknown and every choice falls back to fp32 on CPU).
 
-Why bf16 on a CPU only with AMX-BF16: PyTorch's bf16 autocast measured 4.8x fp32 on ViT-B-32 on an Intel
-Xeon with AMX, but slower than fp32 wherever there is none: 0.15x on an AVX2-only EPYC (bf16 emulated
-through fp32), and on AMD Zen 5 with AVX512_BF16 but no AMX 0.56x for a CAPT training step, 0.36x for a
-pretraining step and 0.30x / 0.43x for inference of the default model / ViT-B-32 at batch 32
-(benchmarks/results/precision.* and engines.*; the README's Performance). AVX512_BF16 alone is
-"native bf16" (:attr:`Hardware.native_bf16_cpu`) but does not make PyTorch's bf16 fast. Even with
-AMX, a small model loses (the default model's CAPT step: 0.44x on an AMX Xeon, 2026-12-02), so
-training, pretraining and the probe time their own step (:func:`timed_precision`) before taking bf16.
+Two rules for ``auto`` on a CPU. Where it cannot measure (a clean-only evaluation, a distributed run)
+it takes bf16 only with AMX-BF16 (:func:`recommended_precision`): PyTorch's bf16 autocast measured 4.8x
+fp32 on ViT-B-32 on an Intel Xeon with AMX, 0.15x on an AVX2-only EPYC (bf16 emulated through fp32) and
+0.30x-0.56x with AVX512_BF16 but no AMX on a loaded AMD Zen 5. Where it can measure (training,
+pretraining, the probe: :func:`timed_precision`) it times bf16 against fp32 on the model itself wherever
+bf16 is native, AVX512_BF16 included (:func:`offered_precision`): the model decides as much as the CPU.
+On an idle Zen 5 (2026-12-02) the probe's attack step on ViT-B-32, its weights cast to bf16 once,
+measured 2.0x fp32 and a pretraining step 1.24x, while the default model's CAPT step was 0.88x; on the
+AMX Xeon that step measured 0.44x.
 ``python -m capt.hardware`` prints the description as JSON (``capt info`` as text).
 """
 from __future__ import annotations
@@ -139,6 +140,8 @@ class Hardware:
         values["onnxruntime_providers"] = list(self.onnxruntime_providers)
         values["recommended_precision"] = {"cpu": recommended_precision("cpu", self),
                                            **({"cuda": recommended_precision("cuda", self)} if self.cuda else {})}
+        values["timed_precision"] = {"cpu": offered_precision("cpu", self),
+                                     **({"cuda": offered_precision("cuda", self)} if self.cuda else {})}
         values["why"] = {"cpu": precision_reason("cpu", self),
                          **({"cuda": precision_reason("cuda", self)} if self.cuda else {})}
         return values
@@ -325,6 +328,16 @@ def recommended_precision(device, hardware: Hardware | None = None) -> str:
     return "fp32"
 
 
+def offered_precision(device, hardware: Hardware | None = None) -> str:
+    """The reduced precision ``auto`` times against fp32 where it can measure the model
+    (:func:`timed_precision`), or "fp32" where there is none worth timing: on a CPU bf16 wherever bf16
+    is native (AVX512_BF16 or AMX-BF16), on a GPU what :func:`recommended_precision` says."""
+    hardware = hardware or detect()
+    if _device_type(device) == "cpu":
+        return "bf16" if hardware.native_bf16_cpu else "fp32"
+    return recommended_precision(device, hardware)
+
+
 def precision_reason(device, hardware: Hardware | None = None) -> str:
     """One sentence: why :func:`recommended_precision` chose what it did."""
     hardware = hardware or detect()
@@ -345,8 +358,9 @@ def precision_reason(device, hardware: Hardware | None = None) -> str:
         if not hardware.flags_known:
             return "fp32: the CPU's features are unknown here (no /proc/cpuinfo), so AMX-BF16 is not assumed"
         if hardware.has("avx512_bf16"):
-            return ("fp32: AVX512_BF16 without AMX measured slower than fp32 (0.56x CAPT training step, "
-                    "0.30x default-model inference, on AMD Zen 5)")
+            return ("fp32 untimed (a clean-only evaluation, a distributed run): AVX512_BF16 without AMX measured "
+                    "0.30x-0.56x fp32 on a loaded AMD Zen 5; training, pretraining and the probe time bf16 on "
+                    "their own model")
         return "fp32: the CPU has no native bf16 (no AVX512_BF16 or AMX-BF16): bf16 would be emulated, and slower (0.15x)"
     return f"fp32: no reduced-precision path is known for device type '{kind}'"
 
@@ -375,8 +389,8 @@ MIN_PRECISION_GAIN = 1.10
 
 def timed_precision(step: Callable[[], object], device, hardware: Hardware | None = None,
                     budget_s: float = 6.0) -> tuple[str, str]:
-    """What ``auto`` means for one workload on ``device``: the recommended reduced precision
-    (:func:`recommended_precision`) only if ``step()`` (one forward and backward of the real model,
+    """What ``auto`` means for one workload on ``device``: the reduced precision this device offers
+    (:func:`offered_precision`) only if ``step()`` (one forward and backward of the real model,
     run here under each side's autocast) runs at least ``MIN_PRECISION_GAIN`` times faster in it than in
     fp32; fp32 otherwise. Why measure: the rule is about the CPU, the speed also about the model. On an
     Intel Xeon with AMX, bf16 autocast ran ViT-B-32's image tower 2.5x fp32 but the default model's CAPT
@@ -384,7 +398,8 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     ``step`` must leave no trace (gradients it made are the caller's to drop); the global RNG is
     restored afterwards. Returns (precision, why)."""
     import torch
-    recommended = recommended_precision(device, hardware)
+    hardware = hardware or detect()
+    recommended = offered_precision(device, hardware)
     if recommended == "fp32":
         return "fp32", precision_reason(device, hardware)
     kind = _device_type(device)
@@ -406,7 +421,9 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[recommended] * 1e3:.1f} ms "
               f"in {recommended}, {speedup:.2f}x")
     if speedup >= MIN_PRECISION_GAIN:
-        return recommended, f"{recommended} autocast: {timing} ({precision_reason(device, hardware)})"
+        native = ("the CPU has native bf16: " + ", ".join(f for f in ("avx512_bf16", "amx_bf16") if hardware.has(f))
+                  if kind == "cpu" else precision_reason(device, hardware))
+        return recommended, f"{recommended} autocast: {timing} ({native})"
     return "fp32", (f"fp32: {recommended} autocast is what this machine offers, but on this model it {timing}, "
                     f"under the {MIN_PRECISION_GAIN:.2f}x it must gain")
 
@@ -454,7 +471,11 @@ def describe(hardware: Hardware | None = None) -> str:
     lines.append("ONNX Runtime providers: " + (", ".join(hardware.onnxruntime_providers) or "onnxruntime not installed")
                  + (" (as built; GPU providers need a visible CUDA device)"
                     if not hardware.cuda and "CUDAExecutionProvider" in hardware.onnxruntime_providers else ""))
-    lines.append(f"precision auto on cpu: {precision_reason('cpu', hardware)}")
+    offered = offered_precision("cpu", hardware)
+    lines.append("precision auto on cpu, timed (training, pretraining, the probe): "
+                 + (f"{offered} against fp32 on the model itself, taken at {MIN_PRECISION_GAIN:.2f}x or better"
+                    if offered != "fp32" else "fp32 (no native bf16 to time)"))
+    lines.append(f"precision auto on cpu, untimed (clean-only evaluation, distributed): {precision_reason('cpu', hardware)}")
     if hardware.cuda:
         lines.append(f"precision auto on cuda: {precision_reason('cuda', hardware)}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in hardware.versions.items()))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from .checkpoint import atomic_write_text, load_training_state, save_training_state
 from .data.fashion import FASHION_MNIST_CLASSNAMES, fashion_mnist_arrays
 from .data.toyworld import caption_sample, held_out_pairs
-from .hardware import autocast_factory, check_precision, resolve_precision, timed_precision
+from .hardware import autocast_factory, check_precision, offered_precision, resolve_precision, timed_precision
 from .models import create_clip
 
 
@@ -216,7 +216,7 @@ def _pretrain_precision(config: PretrainConfig, model: torch.nn.Module, clip, ou
     a reduced precision is timed on one step of this model (``timed_precision``); the choice is kept in
     ``pretrain_precision.json`` so that a resumed run continues in it rather than timing again."""
     precision = resolve_precision(config.precision, "cpu")
-    if config.precision != "auto" or precision == "fp32":
+    if config.precision != "auto" or offered_precision("cpu") == "fp32":
         return precision
     chosen = output_dir / PRECISION_FILE
     if resumed:

@@ -113,7 +113,7 @@ class GridConfig:
     ablation_at: list[float] | None = None
     workers: int | None = None  # None: 2 on a CPU, 1 on a GPU
     # Training precision (capt.hardware): fp32 by default, so that the grid's figures do not depend on
-    # which CPU ran it (auto is bf16 on AMX CPUs); evaluation attacks are fp32 whatever this says.
+    # which CPU ran it (auto times bf16 on CPUs with native bf16); evaluation attacks are fp32 whatever this says.
     precision: str = "fp32"
     device: str = "auto"
 

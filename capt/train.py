@@ -38,7 +38,7 @@ from .attacks import PGD
 from .checkpoint import LATEST_FILE, atomic_write_text, read_checkpoint, read_trainer_state, save_checkpoint
 from .config import AttackConfig, TrainConfig
 from .data import load_dataset
-from .hardware import LEGACY_AMP, autocast_factory, resolve_precision, timed_precision
+from .hardware import LEGACY_AMP, autocast_factory, offered_precision, resolve_precision, timed_precision
 from .losses import capt_loss
 from .models import create_clip, pixel_transform
 from .prompts import PromptConfig, PromptedCLIP, ZeroShotClassifier
@@ -311,7 +311,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         # A key added after the run was written held its default then (what the code did before it existed).
         saved = {**{k: v for k, v in TrainConfig().to_dict().items() if k != "precision"}, **saved}
         saved["precision"] = resolve_precision(saved.get("precision", LEGACY_AMP), device)  # a legacy amp run
-        if config.precision == "auto" and saved["precision"] in ("fp32", precision):
+        if config.precision == "auto" and saved["precision"] in ("fp32", precision, offered_precision(device)):
             # auto chose this by timing when the run started (fp32 where the model gained nothing from
             # the machine's reduced precision): a resume is not timed again, it continues that choice.
             precision = saved["precision"]
@@ -333,10 +333,11 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         frozen_text = reference.encode_labels(data.classnames)  # the hand prompt of f_0
 
     params = list(model.prompt_parameters().values())
-    if config.precision == "auto" and precision != "fp32" and not resume and not distributed.enabled:
-        # The rule offers a reduced precision; whether it is faster for this model is measured (one
-        # step's forward and backward, each way). Ranks of a distributed run keep the rule: timed
-        # apart, they could choose differently.
+    if (config.precision == "auto" and offered_precision(device) != "fp32" and not resume
+            and not distributed.enabled):
+        # The machine offers a reduced precision; whether it is faster for this model is measured (one
+        # step's forward and backward, each way). Ranks of a distributed run keep the untimed rule:
+        # timed apart, they could choose differently.
         precision, why = _timed_training_precision(model, tokens, config, data, device)
         record["precision"] = precision
         logger.info("precision auto: %s", why)

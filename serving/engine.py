@@ -115,27 +115,32 @@ class TorchAutocastEngine:
     ``fixed_batch`` images (None: the batch as it comes). ``model`` holds its weights in ``dtype``
     already (:meth:`from_twin`): autocast would otherwise cast every fp32 weight again at every call,
     which measured slower than fp32 itself (ViT-B-32 on an AMX Xeon, batch 32: 13.4 img/s re-casting,
-    54.4 with the weights cast once, 19.7 fp32)."""
+    54.4 with the weights cast once, 19.7 fp32). On a CPU it computes on ``threads`` intra-op threads
+    (0: PyTorch's default, one per core), the ONNX sessions' count, so that the core the server leaves to
+    its event loop is left by every engine, and the self-test compares engines on the same cores."""
     name: str
     model: object
     dtype: str = "bf16"
     device: str = "cpu"
     fixed_batch: int | None = None
     details: dict = field(default_factory=dict)
+    threads: int = 0
 
     @classmethod
     def from_twin(cls, name: str, twin, dtype: str = "bf16", device: str = "cpu", image_size: int | None = None,
-                  budget_s: float = FIXED_BATCH_BUDGET_S) -> "TorchAutocastEngine":
+                  budget_s: float = FIXED_BATCH_BUDGET_S, threads: int = 0) -> "TorchAutocastEngine":
         """A copy of ``twin`` with its weights in ``dtype`` (the twin itself stays fp32: the probe and the
         judge use it), and, given ``image_size``, the fixed chunk size that runs fastest here
         (:meth:`fastest_fixed_batch`)."""
-        engine = cls(name, reduced_copy(twin, dtype, device), dtype, device)
+        engine = cls(name, reduced_copy(twin, dtype, device), dtype, device, threads=threads)
         if image_size:
             engine.fixed_batch, engine.details = engine.fastest_fixed_batch(image_size, budget_s)
         return engine
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         import torch
+        if self.threads and self.device == "cpu" and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set on each
         with torch.inference_mode(), autocast_factory(self.dtype, self.device)():
             out = self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
         return out.float().cpu().numpy()
@@ -301,7 +306,8 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
         Candidate("torch-bf16", hardware.native_bf16_cpu,
                   "native bf16 on this CPU" if hardware.native_bf16_cpu else
                   "no native bf16 (AVX512_BF16 or AMX-BF16): PyTorch would emulate it, slower than fp32",
-                  lambda: TorchAutocastEngine.from_twin("torch-bf16", bundle.twin, "bf16", "cpu", image_size)),
+                  lambda: TorchAutocastEngine.from_twin("torch-bf16", bundle.twin, "bf16", "cpu", image_size,
+                                                        threads=threads)),
         Candidate("onnx-cuda-fp32", cuda_reason is None, cuda_reason or "CUDA provider and device",
                   lambda: OnnxEngine("onnx-cuda-fp32", _session(graph, "CUDAExecutionProvider"))),
         Candidate("onnx-cuda-fp16", cuda_reason is None, cuda_reason or "CUDA provider and device (graph converted to fp16)",

@@ -21,8 +21,8 @@ from PIL import Image
 
 from capt.attacks import PGD
 from capt.data.templates import check_template
-from capt.hardware import (autocast_factory, check_precision, detect, precision_reason, resolve_precision,
-                           timed_precision)
+from capt.hardware import (autocast_factory, check_precision, detect, offered_precision, precision_reason,
+                           resolve_precision, timed_precision)
 from capt.images import pixel_transform, resized_size
 from capt.prompts import ZeroShotClassifier
 from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, verify_bundle
@@ -65,8 +65,9 @@ class Limits:
     # encoder measured at least 1.3x faster on them at start (``serving.engine.choose_ort_threads``).
     # With several workers on a machine, give each about cores / workers.
     ort_threads: int = 0
-    # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto is
-    # bf16 on a CPU with native bf16 (capt.hardware), fp32 elsewhere. The judgement of the attack's final
+    # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto
+    # times one attack step in bf16 against fp32 at start on a CPU with native bf16 and takes bf16 at 1.1x
+    # or better (capt.hardware.timed_precision), fp32 elsewhere. The judgement of the attack's final
     # image (``flipped``, margins, ``served_onnx``) is always fp32.
     probe_precision: str = "auto"
     label_cache_size: int = 256
@@ -299,7 +300,7 @@ class ServingModel:
         copy with its weights in that precision (the torch engine's own where it serves), so that autocast
         casts no weight at every step. ``auto`` where the machine offers a reduced precision is timed on
         one attack step (forward and backward to the pixels, batch 1, as a probe runs) each way."""
-        precision = resolve_precision(requested, "cpu", self.hardware)
+        precision = offered_precision("cpu", self.hardware) if requested == "auto" else resolve_precision(requested, "cpu", self.hardware)
         if precision == "fp32":
             why = f"CAPT_PROBE_PRECISION={requested}" if requested != "auto" else precision_reason("cpu", self.hardware)
             return precision, why, self.torch_model

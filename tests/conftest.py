@@ -28,6 +28,15 @@ def vitb32_clip():
     return create_clip("ViT-B-32")
 
 
+@pytest.fixture
+def machine_offers_bf16(monkeypatch):
+    """This machine, made to look like one with native bf16 whose untimed rule is bf16 too (an AMX
+    CPU): the timed ``auto`` paths then time bf16 against fp32 whatever CPU runs the test."""
+    import capt.hardware
+    monkeypatch.setattr(capt.hardware.Hardware, "native_bf16_cpu", property(lambda self: True))
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+
+
 def write_colour_folder(root, per_class=6, size=40, seed=0):
     """One folder per colour name of noisy solid-colour images, split into train/ and test/."""
     rng = np.random.default_rng(seed)

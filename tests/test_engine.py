@@ -333,11 +333,10 @@ def test_the_bf16_chunk_size_is_the_best_geometric_mean_within_the_budget(bundle
     assert size == 1 and set(details["fixed_batch_img_s"]) == {"1"}
 
 
-def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monkeypatch):
+def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monkeypatch, machine_offers_bf16):
     import capt.hardware
     import serving.model
     model = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
-    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
     timed = []
 
     def fake_timing(step, device, hardware=None, budget_s=None):

@@ -42,10 +42,16 @@ def test_cpu_precision_is_bf16_only_with_amx(flags, expected):
 
 def test_the_cpu_reasons_say_why():
     zen5 = precision_reason("cpu", Hardware.from_flags(ZEN5))
-    assert zen5.startswith("fp32: AVX512_BF16 without AMX measured slower than fp32") and "Zen 5" in zen5
+    assert zen5.startswith("fp32 untimed") and "Zen 5" in zen5 and "time bf16" in zen5
     assert Hardware.from_flags(ZEN5).native_bf16_cpu and not Hardware.from_flags(ZEN5).fast_bf16_cpu
     assert "AMX-BF16" in precision_reason("cpu", Hardware.from_flags(SAPPHIRE))
     assert "emulated" in precision_reason("cpu", Hardware.from_flags(AVX2))
+
+
+@pytest.mark.parametrize("flags, expected", [(AVX2, "fp32"), (set(), "fp32"), (ZEN5, "bf16"), (SAPPHIRE, "bf16"),
+                                             (AVX2 | {"avx512f"}, "fp32"), (AVX2 | {"avx512f", "avx512_bf16"}, "bf16")])
+def test_auto_times_bf16_on_every_cpu_with_native_bf16(flags, expected):
+    assert hardware.offered_precision("cpu", Hardware.from_flags(flags)) == expected
 
 
 @pytest.mark.parametrize("capability, expected", [((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 0), "fp16"), ((7, 5), "fp16")])
@@ -92,6 +98,12 @@ def test_features_and_description_serialise():
     assert described["recommended_precision"] == {"cpu": "bf16", "cuda": "bf16"}
     text = hardware.describe(machine)
     assert "Xeon" in text and "H200" in text and "capability 9.0" in text
+    zen5 = Hardware.from_flags(ZEN5)
+    assert zen5.to_dict()["recommended_precision"] == {"cpu": "fp32"} and zen5.to_dict()["timed_precision"] == {"cpu": "bf16"}
+    lines = hardware.describe(zen5).splitlines()
+    assert any(line.startswith("precision auto on cpu, timed") and "bf16 against fp32" in line for line in lines)
+    assert any(line.startswith("precision auto on cpu, untimed") and "fp32" in line for line in lines)
+    assert "fp32 (no native bf16 to time)" in hardware.describe(Hardware.from_flags(AVX2))
 
 
 def test_this_machine_is_described():

@@ -117,10 +117,9 @@ def test_gains_biases_and_temperature_are_not_weight_decayed():
     assert len(decayed["params"]) + len(kept["params"]) == len(list(model.parameters()))
 
 
-def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch, machine_offers_bf16):
     import capt.hardware
     import capt.pretrain
-    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
     timed = []
 
     def fake_timing(step, device):
@@ -145,10 +144,9 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monke
     assert json.loads((tmp_path / "run" / "pretrain_config.json").read_text())["precision_used"] == "bf16"
 
 
-def test_a_resumed_run_without_the_recorded_choice_keeps_the_rule_it_began_under(tmp_path, monkeypatch):
+def test_a_resumed_run_without_the_recorded_choice_keeps_the_rule_it_began_under(tmp_path, monkeypatch, machine_offers_bf16):
     import capt.hardware
     import capt.pretrain
-    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
 
     def no_timing(step, device):
         raise AssertionError("a resumed run is not timed")

@@ -23,7 +23,7 @@ LABELS = list(COLOURS)
 
 @pytest.fixture(scope="module")
 def served(default_bundle):
-    return ServingModel(default_bundle, Limits(max_probe_seconds=3600))
+    return ServingModel(default_bundle, Limits(probe_precision="fp32", max_probe_seconds=3600))
 
 
 def _decode(png_base64: str) -> Image.Image:
@@ -227,7 +227,7 @@ def test_the_eps_search_brackets_the_radius_between_a_hold_and_a_flip(served, at
 
 
 def test_the_eps_search_without_a_flip_reports_its_largest_hold(default_bundle):
-    model = ServingModel(default_bundle, Limits(max_probe_seconds=3600, max_probe_eps=2 / 255))
+    model = ServingModel(default_bundle, Limits(probe_precision="fp32", max_probe_seconds=3600, max_probe_eps=2 / 255))
     search = model.probe(toy_image("star", "red"), LABELS, eps=1 / 255, steps=2, search_eps=True)["eps_search"]
     assert search["grid_255"] == [1, 2]
     assert search["smallest_flipping_eps"] is None and search["largest_holding_eps_255"] == 2.0
@@ -286,7 +286,7 @@ def test_the_differentiable_resize_is_the_served_preprocessing_within_two_levels
 
 
 def test_space_upload_is_capped_by_its_own_pixel_limit(default_bundle):
-    model = ServingModel(default_bundle, Limits(max_probe_upload_pixels=64 * 64 - 1))
+    model = ServingModel(default_bundle, Limits(probe_precision="fp32", max_probe_upload_pixels=64 * 64 - 1))
     with pytest.raises(RequestError, match="CAPT_MAX_PROBE_UPLOAD_PIXELS"):
         model.probe(toy_image(), LABELS, space="upload")
     assert model.probe(toy_image(), LABELS, eps=0.0, steps=1)["space"] == "input"  # input space costs the same for any upload

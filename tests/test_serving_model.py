@@ -17,7 +17,7 @@ from capt.data.toyworld import COLOURS, SHAPES, ToyWorldTask
 @pytest.fixture(scope="module")
 def served(default_bundle):
     # No time limit that a loaded CI machine could hit; the limit has its own test below.
-    return ServingModel(default_bundle, Limits(max_concurrent_probes=1, max_probe_seconds=3600))
+    return ServingModel(default_bundle, Limits(probe_precision="fp32", max_concurrent_probes=1, max_probe_seconds=3600))
 
 
 def test_label_sets_are_given_per_request(served):
@@ -147,7 +147,7 @@ def test_a_bad_limit_in_the_environment_is_refused_by_name(monkeypatch, name, ra
 
 
 def test_a_probe_past_its_time_limit_stops_at_the_next_forward_pass(default_bundle):
-    model = ServingModel(default_bundle, Limits(max_probe_seconds=0.0))
+    model = ServingModel(default_bundle, Limits(probe_precision="fp32", max_probe_seconds=0.0))
     with pytest.raises(ProbeTimeout, match="limit of 0 s"):
         model.probe(toy_image(), list(COLOURS), eps=4 / 255, steps=5)
     assert model.probe_slots.acquire(blocking=False)  # the slot was given back
@@ -162,7 +162,7 @@ def test_labels_longer_than_the_text_context_are_refused(served):
 
 def test_a_probe_on_one_thread_runs_on_one_thread_and_finds_the_same_attack(default_bundle, served):
     import threading
-    one_thread = ServingModel(default_bundle, Limits(probe_threads=1, max_probe_seconds=3600))
+    one_thread = ServingModel(default_bundle, Limits(probe_precision="fp32", probe_threads=1, max_probe_seconds=3600))
     seen = {}
 
     def probe_in_a_worker_thread():  # as the server runs it; OpenMP's thread count is per calling thread
@@ -192,7 +192,7 @@ def hand_prompted(tmp_path_factory, colour_folder):
     model = PromptedCLIP(create_clip("capt-tiny-vit", str(weights)), PromptConfig(vision_n_ctx=2, vision_depth=1))
     checkpoint = save_checkpoint(root / "run", 1, model, {"method": "vpt", "classnames": ["red", "green", "blue"]})
     export_bundle(checkpoint, root / "bundle", sample_data=f"imagefolder:{colour_folder}:test")
-    return ServingModel(root / "bundle", Limits(max_probe_seconds=3600))
+    return ServingModel(root / "bundle", Limits(probe_precision="fp32", max_probe_seconds=3600))
 
 
 MALFORMED_TEMPLATES = [
