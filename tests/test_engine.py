@@ -351,3 +351,21 @@ def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monk
     assert reduced is not model.torch_model and {p.dtype for p in reduced.parameters()} == {torch.bfloat16}
     assert all(p.grad is None for p in model.torch_model.parameters())  # the step touched no weights
     assert model.info()["probe_precision"]["why"]
+
+
+def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle):
+    """The server leaves a core to its event loop by its intra-op thread count (CAPT_ORT_THREADS or auto);
+    the torch engine must compute on that count too, not on PyTorch's one per core."""
+    import threading
+    one_thread = load_bundle(default_bundle, ["CPUExecutionProvider"], check=False, ort_threads=1)
+    engine = {c.name: c for c in candidates(one_thread, ZEN5)}["torch-bf16"].build()
+    assert engine.threads == 1
+    seen = []
+
+    def encode_on_a_worker_thread():  # as the server calls it; OpenMP's count is per calling thread
+        engine.encode(np.random.default_rng(3).random((2, 3, 64, 64), dtype=np.float32))
+        seen.append(torch.get_num_threads())
+    worker = threading.Thread(target=encode_on_a_worker_thread)
+    worker.start()
+    worker.join()
+    assert seen == [1]
