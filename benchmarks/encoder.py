@@ -162,7 +162,9 @@ def worker_ort(config: dict) -> dict:
     from export.bundle import onnx_session
     results = {"models": {}}
     for name, spec in config["models"].items():
-        session = onnx_session(spec["path"], config.get("providers", ["CPUExecutionProvider"]), spinning=True)
+        # A model may name its own providers and their options (gpu.py: TensorRT with fp16 beside CUDA).
+        session = onnx_session(spec["path"], spec.get("providers") or config.get("providers", ["CPUExecutionProvider"]),
+                               spinning=True, provider_options=spec.get("provider_options"))
         size = spec["size"]
         provider = session.get_providers()[0]
         entry = {"provider": provider, "provider_options": session.get_provider_options().get(provider, {}), "batches": {}}

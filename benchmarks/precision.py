@@ -44,7 +44,9 @@ def worker_pretrain(config: dict) -> dict:
                  tmp, progress=False)
         lines = [json.loads(line) for line in (Path(tmp) / "pretrain_metrics.jsonl").read_text().splitlines()]
         used = json.loads((Path(tmp) / "pretrain_config.json").read_text())["precision_used"]
-    return {"log": lines, "precision_used": used}
+        timed = Path(tmp) / "pretrain_precision.json"  # where auto timed the step: what it measured
+        why = json.loads(timed.read_text())["why"] if timed.is_file() else None
+    return {"log": lines, "precision_used": used, "auto_why": why}
 
 
 WORKERS = {"train": worker_train, "pretrain": worker_pretrain}
@@ -53,7 +55,7 @@ WORKERS = {"train": worker_train, "pretrain": worker_pretrain}
 def run(quick: bool) -> dict:
     shots, epochs = (1, 2) if quick else (2, 3)
     steps, every = (6, 3) if quick else (30, 10)
-    rows, step_s = [], {}
+    rows, step_s, auto_why = [], {}, None
     for precision in PRECISIONS:
         result = run_worker("precision", "train", {"precision": precision, "shots": shots, "epochs": epochs})
         measured = result["epochs"][1:]  # epoch 1: warm-up and the frozen features
@@ -70,6 +72,8 @@ def run(quick: bool) -> dict:
         seconds = log[-1]["seconds"] - log[0]["seconds"]  # the first `every` steps are warm-up
         n_steps = log[-1]["step"] - log[0]["step"]
         step_s["pretrain", precision] = seconds / n_steps
+        if result.get("auto_why"):
+            auto_why = result["auto_why"]
         rows.append({"step": "pretraining (batch 128, capt-toy-vit)", "precision": precision,
                      "ran as": result["precision_used"], "step s": round(seconds / n_steps, 3),
                      "steps timed": n_steps, "last loss": round(log[-1]["loss"], 4)})
@@ -86,6 +90,8 @@ def run(quick: bool) -> dict:
              f"pretraining: PretrainConfig defaults (batch 128, data rendered by 1 worker process) for {steps} steps, "
              f"timed between the step-{every} and step-{steps} log lines",
              "the losses are a sanity check that both precisions train, not a comparison of results"]
+    if auto_why:
+        notes.append(f"pretraining, auto's timing at the start: {auto_why}")
     return report("precision", "--precision: training and pretraining steps, fp32, bf16 and auto (CPU)",
                   ["step", "precision", "ran as", "step s", "steps timed", "last loss", "last adv acc"], rows, summary, notes)
 

@@ -17,7 +17,8 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR, machine, machine_markdown, run_benchmark, to_markdown
 
 # Cheapest-to-interpret first; gpu last (it only skips on a machine without CUDA).
-BENCHMARKS = ("encoder", "quantize", "http", "ceiling", "labels", "probe", "training", "engines", "precision", "gpu")
+BENCHMARKS = ("encoder", "quantize", "http", "ceiling", "labels", "probe", "training", "engines", "precision", "photos",
+              "gpu")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -128,10 +128,12 @@ def cuda_unavailable_reason() -> str | None:
     return None
 
 
-def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinning: bool = False, threads: int = 0):
+def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinning: bool = False, threads: int = 0,
+                 provider_options: dict[str, dict] | None = None):
     """An ONNX Runtime session on the first usable of ``providers`` (default CUDA, then CPU);
     ``session.get_providers()[0]`` says which one runs. ``threads``: intra-op threads of its CPU
-    kernels; 0 is ONNX Runtime's default (one per physical core).
+    kernels; 0 is ONNX Runtime's default (one per physical core). ``provider_options``: options by
+    provider name (e.g. TensorRT's fp16 and engine cache, ``serving.engine.tensorrt_options``).
 
     ``spinning`` lets ONNX Runtime's CPU threads busy-wait between runs (its default). That is about
     10% faster for a process that does nothing else, but in the server those threads took the cores
@@ -143,7 +145,7 @@ def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinn
     if cuda_unavailable_reason() is not None:
         available = [p for p in available if p not in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
     wanted = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in available]
-    if "CUDAExecutionProvider" in wanted and hasattr(ort, "preload_dlls"):
+    if {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(wanted) and hasattr(ort, "preload_dlls"):
         try:  # CUDA and cuDNN from the pip wheels that torch brings (no CUDA base image needed)
             ort.preload_dlls(directory="")
         except Exception:  # noqa: BLE001 - no GPU libraries: CPU it is
@@ -157,7 +159,9 @@ def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinn
     if threads < 0:
         raise ValueError(f"ONNX Runtime threads must be >= 0 (0: its default), got {threads}")
     options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=wanted or ["CPUExecutionProvider"])
+    chosen = [(p, (provider_options or {})[p]) if p in (provider_options or {}) else p
+              for p in wanted or ["CPUExecutionProvider"]]
+    return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 
 
 # ---- tokenizer layout -----------------------------------------------------------------------------

@@ -11,7 +11,8 @@ Candidates (``ENGINES``), each an :class:`ImageEngine` (``encode(pixels) -> embe
   chunks of one fixed size (batch invariance, below); offered on CPUs with native bf16 (AVX512_BF16 or
   AMX-BF16, :mod:`capt.hardware`).
 - ``onnx-cuda-fp32``, ``onnx-cuda-fp16`` (the graph converted to fp16 with fp32 inputs and outputs)
-  and ``tensorrt`` (ONNX Runtime's TensorRT provider, where its libraries load) on a CUDA machine.
+  and ``tensorrt`` (ONNX Runtime's TensorRT provider with fp16 kernels allowed, where its libraries
+  load; :func:`tensorrt_options`) on a CUDA machine.
 
 :func:`choose_engine` builds the candidates the machine can run, runs a short self-test of each on
 the bundle's sample images (the export's parity images: the toy world's for the default model,
@@ -84,8 +85,12 @@ class ImageEngine(Protocol):
 class OnnxEngine:
     name: str
     session: object
+    max_batch: int | None = None  # larger batches run in parts (TensorRT's optimisation profile ends there)
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
+        if self.max_batch and len(pixels) > self.max_batch:
+            return np.concatenate([self.encode(pixels[i:i + self.max_batch])
+                                   for i in range(0, len(pixels), self.max_batch)])
         return self.session.run(None, {"pixels": np.ascontiguousarray(pixels, dtype=np.float32)})[0]
 
     @property
@@ -265,10 +270,38 @@ def converted_fp16(bundle) -> Path:
     return _derived_graph(bundle, "fp16", make)
 
 
-def _session(path: Path, provider: str, threads: int = 0):
+# TensorRT builds an engine per optimisation profile (minutes for ViT-B-32), so the served one covers
+# every batch the server sends (up to Limits.max_batch, 64 by default) and the benchmarks' 256 in one
+# profile, and its engines are kept between starts.
+TENSORRT_MAX_BATCH = 256
+
+
+def tensorrt_options(image_size: int, max_batch: int = TENSORRT_MAX_BATCH) -> dict:
+    """ONNX Runtime TensorRT provider options of the ``tensorrt`` engine: fp16 kernels where TensorRT
+    finds them faster (it keeps fp32 elsewhere; the self-test's agreement bar decides whether it
+    serves), one optimisation profile for batches 1 to ``max_batch`` (optimised for 64), and the built
+    engines and timing cache under ``cache_dir()/tensorrt``."""
+    def shape(batch: int) -> str:
+        return f"pixels:{batch}x3x{image_size}x{image_size}"
+    folder = str(cache_dir() / "tensorrt")
+    return {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": folder,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": folder,
+            "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(min(64, max_batch)),
+            "trt_profile_max_shapes": shape(max_batch)}
+
+
+def _tensorrt_engine(graph: Path, image_size: int) -> OnnxEngine:
+    options = tensorrt_options(image_size)
+    Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
+    return OnnxEngine("tensorrt", _session(graph, "TensorrtExecutionProvider", options=options), TENSORRT_MAX_BATCH)
+
+
+def _session(path: Path, provider: str, threads: int = 0, options: dict | None = None):
     from export.bundle import onnx_session
-    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
-    session = onnx_session(path, providers, threads=threads)
+    # TensorRT hands the nodes it cannot take to CUDA, as ONNX Runtime's documentation advises.
+    fallbacks = {"CPUExecutionProvider": [], "TensorrtExecutionProvider": ["CUDAExecutionProvider", "CPUExecutionProvider"]}
+    providers = [provider, *fallbacks.get(provider, ["CPUExecutionProvider"])]
+    session = onnx_session(path, providers, threads=threads, provider_options={provider: options} if options else None)
     if session.get_providers()[0] != provider:
         raise EngineError(f"ONNX Runtime fell back to {session.get_providers()[0]} instead of {provider}")
     return session
@@ -312,8 +345,8 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
                   lambda: OnnxEngine("onnx-cuda-fp32", _session(graph, "CUDAExecutionProvider"))),
         Candidate("onnx-cuda-fp16", cuda_reason is None, cuda_reason or "CUDA provider and device (graph converted to fp16)",
                   lambda: OnnxEngine("onnx-cuda-fp16", _session(converted_fp16(bundle), "CUDAExecutionProvider"))),
-        Candidate("tensorrt", trt_reason is None, trt_reason or "TensorRT provider listed",
-                  lambda: OnnxEngine("tensorrt", _session(graph, "TensorrtExecutionProvider"))),
+        Candidate("tensorrt", trt_reason is None, trt_reason or "TensorRT provider listed (fp16 kernels allowed)",
+                  lambda: _tensorrt_engine(graph, image_size)),
     ]
 
 

@@ -369,3 +369,72 @@ def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle):
     worker.start()
     worker.join()
     assert seen == [1]
+
+
+def test_the_tensorrt_engine_allows_fp16_in_one_profile_for_every_served_batch(bundle, tmp_path, monkeypatch):
+    """Written for a CUDA machine with TensorRT and unrun here: what can be checked without one is that
+    its options name the exported graph's real input, cover every batch the server sends, and land in the
+    engine cache; and that its session asks for TensorRT, then CUDA, then the CPU."""
+    import onnx
+
+    import export.bundle
+    import serving.engine
+    from export.bundle import IMAGE_ONNX
+    from serving.engine import TENSORRT_MAX_BATCH, tensorrt_options
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    graph = onnx.load(str(bundle.path / IMAGE_ONNX), load_external_data=False)
+    (graph_input,) = graph.graph.input
+    size = int(bundle.manifest["inputs"]["image"]["shape"][-1])
+    options = tensorrt_options(size)
+    assert options["trt_fp16_enable"] is True and options["trt_engine_cache_enable"] is True
+    assert options["trt_profile_min_shapes"] == f"{graph_input.name}:1x3x{size}x{size}"
+    assert options["trt_profile_max_shapes"] == f"{graph_input.name}:{TENSORRT_MAX_BATCH}x3x{size}x{size}"
+    assert TENSORRT_MAX_BATCH >= Limits().max_batch and TENSORRT_MAX_BATCH >= Limits().max_images
+    assert options["trt_engine_cache_path"] == str(tmp_path / "tensorrt")
+
+    asked = {}
+
+    class CpuSession:  # what ONNX Runtime gives where TensorRT does not load
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    def fake_session(path, providers, threads=0, provider_options=None, **_):
+        asked.update(providers=providers, options=provider_options)
+        return CpuSession()
+    monkeypatch.setattr(export.bundle, "onnx_session", fake_session)
+    with pytest.raises(EngineError, match="fell back to CPUExecutionProvider instead of TensorrtExecutionProvider"):
+        serving.engine._tensorrt_engine(bundle.path / IMAGE_ONNX, size)
+    assert asked["providers"] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert asked["options"] == {"TensorrtExecutionProvider": options} and (tmp_path / "tensorrt").is_dir()
+
+
+def test_an_onnx_engine_runs_batches_over_its_limit_in_parts_in_order():
+    seen = []
+
+    class Doubling:
+        def run(self, outputs, feeds):
+            seen.append(len(feeds["pixels"]))
+            return [feeds["pixels"].reshape(len(feeds["pixels"]), -1) * 2]
+    pixels = np.arange(10 * 3 * 2 * 2, dtype=np.float32).reshape(10, 3, 2, 2)
+    out = OnnxEngine("tensorrt", Doubling(), max_batch=4).encode(pixels)
+    assert seen == [4, 4, 2] and np.array_equal(out, pixels.reshape(10, -1) * 2)
+
+
+def test_onnx_sessions_take_options_by_provider(default_bundle, monkeypatch):
+    """Options go to ONNX Runtime as its documented (name, options) pairs, for the providers asked for."""
+    import onnxruntime
+
+    from export.bundle import IMAGE_ONNX, onnx_session
+    real, asked = onnxruntime.InferenceSession, []
+
+    def spy(path, sess_options=None, providers=None):
+        asked.append(providers)
+        return real(path, sess_options=sess_options, providers=providers)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    session = onnx_session(default_bundle / IMAGE_ONNX, ["CPUExecutionProvider"],
+                           provider_options={"CPUExecutionProvider": {"use_arena": "0"},
+                                             "TensorrtExecutionProvider": {"trt_fp16_enable": True}})
+    assert session.get_providers() == ["CPUExecutionProvider"]  # ONNX Runtime took the pair
+    assert asked == [[("CPUExecutionProvider", {"use_arena": "0"})]]  # options of a provider not asked for stay out
+    onnx_session(default_bundle / IMAGE_ONNX, ["CPUExecutionProvider"])
+    assert asked[-1] == ["CPUExecutionProvider"]

@@ -199,6 +199,22 @@ def test_auto_takes_the_reduced_precision_only_where_the_model_runs_faster_in_it
     assert precision == "bf16"
 
 
+def test_auto_takes_bf16_only_if_every_timed_round_shows_the_gain(monkeypatch):
+    """A VM's speed drifts between rounds: one round at 1.3x and one at 1.0x is no gain."""
+    import capt.hardware
+    from capt.hardware import timed_precision
+    clock, rounds = [0.0], iter([(0.01, 0.01)] + [(0.013, 0.01), (0.010, 0.01), (0.013, 0.01)])  # warm-up first
+    pending = []
+
+    def step():
+        if not torch.is_autocast_enabled("cpu"):
+            pending[:] = next(rounds)
+        clock[0] += pending[1] if torch.is_autocast_enabled("cpu") else pending[0]
+    monkeypatch.setattr(capt.hardware.time, "perf_counter", lambda: clock[0])
+    precision, why = timed_precision(step, "cpu", BF16_CPU)
+    assert precision == "fp32" and "1.00x in its worst of 3 round(s) (1.30x, 1.00x, 1.30x)" in why
+
+
 def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, colour_folder, monkeypatch, machine_offers_bf16):
     import capt.hardware
     import capt.train
