@@ -358,9 +358,8 @@ def precision_reason(device, hardware: Hardware | None = None) -> str:
         if not hardware.flags_known:
             return "fp32: the CPU's features are unknown here (no /proc/cpuinfo), so AMX-BF16 is not assumed"
         if hardware.has("avx512_bf16"):
-            return ("fp32 untimed (a clean-only evaluation, a distributed run): AVX512_BF16 without AMX measured "
-                    "0.30x-0.56x fp32 on a loaded AMD Zen 5; training, pretraining and the probe time bf16 on "
-                    "their own model")
+            return ("fp32: AVX512_BF16 without AMX measured 0.30x-0.56x fp32 on a loaded AMD Zen 5 (where a model "
+                    "can be timed, training, pretraining and the probe time bf16 on it instead)")
         return "fp32: the CPU has no native bf16 (no AVX512_BF16 or AMX-BF16): bf16 would be emulated, and slower (0.15x)"
     return f"fp32: no reduced-precision path is known for device type '{kind}'"
 
