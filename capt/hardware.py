@@ -402,8 +402,8 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     restored afterwards. Returns (precision, why)."""
     import torch
     hardware = hardware or detect()
-    recommended = offered_precision(device, hardware)
-    if recommended == "fp32":
+    offered = offered_precision(device, hardware)
+    if offered == "fp32":
         return "fp32", precision_reason(device, hardware)
     kind = _device_type(device)
     sync = torch.cuda.synchronize if kind == "cuda" else (lambda: None)
@@ -413,28 +413,28 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     with torch.random.fork_rng(devices=[_cuda_index(device)] if kind == "cuda" else []):
         for round_ in range(TIMED_ROUNDS + 1):  # a warm-up round, then timed rounds, the precisions alternating
             this_round = {}
-            for precision in ("fp32", recommended):
+            for precision in ("fp32", offered):
                 t0 = time.perf_counter()
                 with autocast_factory(precision, device)():
                     step()
                 sync()
                 this_round[precision] = time.perf_counter() - t0
             if round_:
-                ratios.append(this_round["fp32"] / this_round[recommended])
+                ratios.append(this_round["fp32"] / this_round[offered])
                 for precision, taken in this_round.items():
                     seconds[precision] = min(seconds.get(precision, math.inf), taken)
                 if time.perf_counter() - started > budget_s:
                     break
     # Every timed round must show the gain: on a VM whose speed drifts, one lucky round is not a gain.
     speedup = min(ratios)
-    timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[recommended] * 1e3:.1f} ms "
-              f"in {recommended}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
+    timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[offered] * 1e3:.1f} ms "
+              f"in {offered}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
               + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""))
     if speedup >= MIN_PRECISION_GAIN:
         native = ("the CPU has native bf16: " + ", ".join(f for f in ("avx512_bf16", "amx_bf16") if hardware.has(f))
                   if kind == "cpu" else precision_reason(device, hardware))
-        return recommended, f"{recommended} autocast: {timing} ({native})"
-    return "fp32", (f"fp32: {recommended} autocast is what this machine offers, but on this model it {timing}, "
+        return offered, f"{offered} autocast: {timing} ({native})"
+    return "fp32", (f"fp32: {offered} autocast is what this machine offers, but on this model it {timing}, "
                     f"under the {MIN_PRECISION_GAIN:.2f}x it must gain")
 
 
