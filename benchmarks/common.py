@@ -156,7 +156,8 @@ def machine() -> dict:
         "cpu_vendor": described.get("cpu_vendor"),
         "cpu_features": ", ".join(features) if features else None,
         "torch_cpu_capability": described.get("torch_cpu_capability"),
-        "precision_auto": described.get("recommended_precision"),
+        "precision_auto": described.get("recommended_precision"),  # untimed work
+        "precision_auto_timed": described.get("offered_precision"),  # what training, pretraining, the probe time
         "logical_cores": described.get("logical_cores", os.cpu_count()),
         "usable_cores": described.get("usable_cores", os.cpu_count()),
         # Anything else running skews every figure here: the 1-minute load average when the report was made.

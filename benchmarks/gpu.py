@@ -15,6 +15,7 @@ so host-device copies are inside every figure. The photo-decoding row of a GPU d
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from benchmarks.common import error_text, main, ratio, report, run_worker, time_calls
 from benchmarks.encoder import build_model, parity_input
@@ -72,8 +73,9 @@ def _max_abs_diff(a, b) -> float | None:
 
 def ort_sides(exports: dict, size: int) -> dict:
     """The ONNX Runtime sides: name -> the model spec of ``benchmarks.encoder.worker_ort``."""
+    from export.bundle import sha256_of
     from serving.engine import tensorrt_options
-    options = tensorrt_options(size)
+    options = tensorrt_options(size, sha256_of(Path(exports["fp32"]["path"])))
     cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return {"ORT CUDA fp32": {"path": exports["fp32"]["path"], "providers": cuda},
             "ORT CUDA fp16": {"path": exports["fp16"]["path"], "providers": cuda},
@@ -82,7 +84,6 @@ def ort_sides(exports: dict, size: int) -> dict:
 
 
 def run(quick: bool) -> dict:
-    from pathlib import Path
     cuda = run_worker("gpu", "cuda") if DEVICE == "cuda" else {"available": True, "device": DEVICE}
     if not cuda["available"]:
         result = report("gpu", TITLE, [], [], {}, [])
@@ -128,7 +129,7 @@ def run(quick: bool) -> dict:
              f"torch TF32 matmul: {eager['tf32_matmul']}",
              "provider: what ONNX Runtime ran the graph on (a GPU side on CPUExecutionProvider fell back: check "
              "onnxruntime-gpu, the CUDA and TensorRT libraries); process s: the side's whole process, session "
-             "creation (TensorRT's engine build) included"]
+             "creation included: TensorRT's engine build where its cache (CAPT_ENGINE_CACHE) was cold"]
     result = report("gpu", TITLE, columns, rows, summary, notes)
     result["raw"] = {"cuda": cuda, "exports": exports,
                      "ort": {s: {k: v for k, v in e.items() if k != "parity_output"} for s, e in ort.items()}}

@@ -6,7 +6,7 @@ Gaussian sensor noise of sigma 4 so that the entropy decoder has a photo's textu
 - **decode + pixels on the CPU**, one thread, exactly as the server turns an upload into the model's
   input (``capt.images``: ``open_image``, ``load_opened_image`` sized for the model, ``pixel_transform``);
 - **decode + resize on the GPU** where CUDA is visible: ``torchvision.io.decode_jpeg(device="cuda")``
-  and an antialiased bicubic resize and centre crop on the device, with the max |difference| of its
+  and an antialiased resize (the model's interpolation, shortest side) and centre crop on the device, with the max |difference| of its
   pixels from the CPU path's (a skip record without CUDA);
 - **the image encoder alone** on the model's input size (the server's engine, batch 1 and 8);
 - **``POST /classify`` end to end** against ``bentoml serve`` of the default model, one photo a
@@ -34,6 +34,10 @@ CONCURRENCY = 8
 CACHE = Path(__file__).resolve().parent / ".cache" / "photos"
 
 
+def photo_path(megapixels: float, seed: int = 0) -> Path:
+    return CACHE / f"photo-{megapixels:g}mp-q{QUALITY}-s{seed}.jpg"
+
+
 def photo_jpeg(megapixels: float, seed: int = 0) -> bytes:
     """A 4:3 JPEG of about ``megapixels`` (see the module docstring), made once and cached."""
     import io
@@ -42,7 +46,7 @@ def photo_jpeg(megapixels: float, seed: int = 0) -> bytes:
     from PIL import Image
     from sklearn.datasets import load_sample_image
 
-    path = CACHE / f"photo-{megapixels:g}mp-q{QUALITY}-s{seed}.jpg"
+    path = photo_path(megapixels, seed)
     if path.is_file():
         return path.read_bytes()
     width = int(round((megapixels * 1e6 * 4 / 3) ** 0.5))
@@ -54,12 +58,6 @@ def photo_jpeg(megapixels: float, seed: int = 0) -> bytes:
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_bytes(buffer.getvalue())
     return buffer.getvalue()
-
-
-def _preprocess_cfg(bundle: Path) -> dict:
-    from capt.checkpoint import load_prompted_model
-    model, _ = load_prompted_model(bundle, pretrained=str(bundle / "base_weights.safetensors"))
-    return dict(model.preprocess_cfg)
 
 
 def worker_cpu_decode(config: dict) -> dict:
@@ -82,8 +80,8 @@ def worker_cpu_decode(config: dict) -> dict:
                             max_seconds=config["max_seconds"])
         results[name] = {"images_per_s": 1 / timing["median_s"], **timing}
         np.save(config["pixels_out"][name], upload_pixels(data)[0])
-    return {"decode": results, "engine": model.engine.name,
-            "encoder": _time_encoder(model, config)}
+    return {"decode": results, "engine": model.engine.name, "encoder": _time_encoder(model, config),
+            "preprocess": dict(model.torch_model.preprocess_cfg)}
 
 
 def _time_encoder(model, config: dict) -> dict:
@@ -108,14 +106,17 @@ def worker_gpu_decode(config: dict) -> dict:
     from torchvision.io import decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    size = config["size"]
+    size, preprocess = config["size"], config["preprocess"]
+    if preprocess.get("resize_mode", "shortest") != "shortest" or isinstance(preprocess["size"], (list, tuple)):
+        return {"skipped": f"the GPU side does the shortest-side resize of square models only, not {preprocess}"}
+    interpolation = F.InterpolationMode(preprocess.get("interpolation", "bicubic"))
     results = {}
     for name, path in config["photos"].items():
         data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
         def pixels() -> torch.Tensor:
             image = decode_jpeg(data, device="cuda")
-            image = F.resize(image, size, interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+            image = F.resize(image, size, interpolation=interpolation, antialias=True)
             image = F.center_crop(image, [size, size])
             out = (image.float() / 255).clamp_(0, 1)
             torch.cuda.synchronize()
@@ -135,13 +136,14 @@ def run(quick: bool) -> dict:
     bundle = Path(os.environ["CAPT_BENCH_BUNDLE"]) if os.environ.get("CAPT_BENCH_BUNDLE") else default_bundle()
     labels = json.loads((bundle / "manifest.json").read_text())["labels"]
     photos = {f"{mp} MP": photo_jpeg(mp) for mp in sizes}
-    paths = {name: str(CACHE / f"photo-{mp:g}mp-q{QUALITY}-s0.jpg") for name, mp in zip(photos, sizes)}
+    paths = {name: str(photo_path(mp)) for name, mp in zip(photos, sizes)}
     with tempfile.TemporaryDirectory(prefix="capt-bench-photos-") as tmp:
         pixel_files = {name: str(Path(tmp) / f"{i}.npy") for i, name in enumerate(photos)}
         cpu = run_worker("photos", "cpu_decode", {"bundle": str(bundle), "photos": paths, "pixels_out": pixel_files,
                                                   **timing})
         size = int(json.loads((bundle / "manifest.json").read_text())["inputs"]["image"]["shape"][-1])
-        gpu = run_worker("photos", "gpu_decode", {"photos": paths, "pixels_in": pixel_files, "size": size, **timing})
+        gpu = run_worker("photos", "gpu_decode", {"photos": paths, "pixels_in": pixel_files, "size": size,
+                                                  "preprocess": cpu["preprocess"], **timing})
     client = ceiling.load_generator()
     http = {}
     with bento_server(bundle) as server:
@@ -178,7 +180,7 @@ def run(quick: bool) -> dict:
              "CPU decode+pixels: serving.images.decode_image and ServingModel.pixels on one thread (what a request costs the server's CPU "
              "before the encoder)",
              gpu.get("skipped") or f"GPU decode: torchvision.io.decode_jpeg on {gpu.get('device')}, then an antialiased "
-             "bicubic resize and centre crop on the device; the CPU path's pixels are the reference"]
+             "resize (the model's interpolation) and centre crop on the device; the CPU path's pixels are the reference"]
     columns = ["photo", "JPEG KiB", "CPU decode+pixels img/s (1 thread)", "GPU decode+resize img/s",
                "GPU max |diff| vs CPU pixels", "/classify req/s", "/classify p50 ms", "server CPU ms/req", "errors"]
     result = report("photos", "Photo-sized JPEG uploads: decoding against the model, and /classify end to end",

@@ -1,6 +1,6 @@
 """``--precision``: the training step (CAPT on the default model's setup, its PGD inside the step) and
 the pretraining step (``capt pretrain``'s defaults, a few steps), each in fp32, bf16 and ``auto`` (where
-the CPU has AMX-BF16, a timing of one step each way at the start; fp32 elsewhere),
+the CPU has native bf16, a timing of one step each way at the start; fp32 elsewhere),
 each side in its own process, with the loss each reached as a sanity check.
 
     python -m benchmarks.precision [--quick] [--output benchmarks/results/precision.json]

@@ -133,10 +133,10 @@ def _methods(args) -> None:
 
 
 def _add_precision_option(p: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
-    from .hardware import PRECISIONS
+    from .hardware import MIN_PRECISION_GAIN, PRECISIONS
     p.add_argument("--precision", choices=list(PRECISIONS), default=default,
                    help=f"auto (default: on a CPU with native bf16 (AVX512_BF16 or AMX-BF16) bf16 autocast where one "
-                        f"timed step of the model runs 1.1x faster in it, untimed work bf16 only with AMX; on a GPU "
+                        f"timed step of the model runs {MIN_PRECISION_GAIN:g}x faster in it, untimed work bf16 only with AMX; on a GPU "
                         f"bf16 from compute capability 8.0 and fp16 below; fp32 elsewhere; `capt info` says which), "
                         f"fp32, bf16 or fp16: {what}")
 

@@ -157,8 +157,9 @@ class TrainConfig:
     # Recompute transformer blocks in the backward pass (PromptedCLIP.set_grad_checkpointing): far less
     # memory for a large label set's text tower, about a third more compute, the same result.
     grad_checkpointing: bool = False
-    # auto | fp32 | bf16 | fp16 (capt.hardware): autocast of the training step, PGD included; auto is
-    # capt.hardware.recommended_precision on the run's device. A legacy ``amp: true`` loads as
+    # auto | fp32 | bf16 | fp16 (capt.hardware): autocast of the training step, PGD included; auto times
+    # capt.hardware.offered_precision against fp32 on one step (a distributed run takes
+    # recommended_precision untimed). A legacy ``amp: true`` loads as
     # "cuda-bf16" (bf16 autocast on CUDA, fp32 on CPU: what it did), ``amp: false`` as fp32.
     precision: str = "auto"
     device: str = "auto"

@@ -14,8 +14,8 @@ fp32 on ViT-B-32 on an Intel Xeon with AMX, 0.15x on an AVX2-only EPYC (bf16 emu
 pretraining, the probe: :func:`timed_precision`) it times bf16 against fp32 on the model itself wherever
 bf16 is native, AVX512_BF16 included (:func:`offered_precision`): the model decides as much as the CPU.
 On an idle Zen 5 (2026-12-02) the probe's attack step on ViT-B-32, its weights cast to bf16 once,
-measured 2.0x fp32 and a pretraining step 1.24x, while the default model's CAPT step was 0.88x; on the
-AMX Xeon that step measured 0.44x.
+measured 2.3x fp32 and a pretraining step 1.0x-1.24x over four runs, while the default model's CAPT
+step was 0.82x-0.95x; on the AMX Xeon that step measured 0.44x.
 ``python -m capt.hardware`` prints the description as JSON (``capt info`` as text).
 """
 from __future__ import annotations
@@ -112,7 +112,12 @@ class Hardware:
     def native_bf16_cpu(self) -> bool:
         """bf16 matmuls run natively (AVX512_BF16 or AMX-BF16), not emulated through fp32 (native is not
         fast: see :attr:`fast_bf16_cpu`)."""
-        return self.has("avx512_bf16") or self.has("amx_bf16")
+        return bool(self.native_bf16_features)
+
+    @property
+    def native_bf16_features(self) -> list[str]:
+        """The features that make bf16 native here (``/proc/cpuinfo`` names)."""
+        return [f for f in ("avx512_bf16", "amx_bf16") if self.has(f)]
 
     @property
     def fast_bf16_cpu(self) -> bool:
@@ -140,7 +145,7 @@ class Hardware:
         values["onnxruntime_providers"] = list(self.onnxruntime_providers)
         values["recommended_precision"] = {"cpu": recommended_precision("cpu", self),
                                            **({"cuda": recommended_precision("cuda", self)} if self.cuda else {})}
-        values["timed_precision"] = {"cpu": offered_precision("cpu", self),
+        values["offered_precision"] = {"cpu": offered_precision("cpu", self),
                                      **({"cuda": offered_precision("cuda", self)} if self.cuda else {})}
         values["why"] = {"cpu": precision_reason("cpu", self),
                          **({"cuda": precision_reason("cuda", self)} if self.cuda else {})}
@@ -352,9 +357,9 @@ def precision_reason(device, hardware: Hardware | None = None) -> str:
                 f"fp16 autocast: CUDA capability {cap} < 8.0 has no fast bf16 (fp16 with a gradient scaler in training)")
     if kind == "cpu":
         if chosen == "bf16":
-            return ("bf16 autocast where a timing of the model shows it 1.1x faster than fp32 (training, pretraining, the "
-                    "probe: timed_precision), fp32 where not: the CPU has AMX-BF16 (on an AMX Xeon: ViT-B-32 2.5x, "
-                    "the default model's CAPT step 0.44x)")
+            return ("bf16 autocast: the CPU has AMX-BF16 (on an AMX Xeon ViT-B-32 ran 2.5x fp32; where a model "
+                    "can be timed, training, pretraining and the probe still check it: the default model's CAPT "
+                    "step measured 0.44x there)")
         if not hardware.flags_known:
             return "fp32: the CPU's features are unknown here (no /proc/cpuinfo), so AMX-BF16 is not assumed"
         if hardware.has("avx512_bf16"):
@@ -384,10 +389,11 @@ def resolve_precision(requested: str, device, hardware: Hardware | None = None) 
 # A reduced precision that auto chooses by timing must beat fp32 by this much (a short timing is noisy,
 # and without a clear gain fp32's exact arithmetic is worth more).
 MIN_PRECISION_GAIN = 1.10
-# Timed rounds of each precision after the warm-up (fewer once the budget is spent): the gain must hold
-# in each. On an idle Zen 5, a pretraining step measured 1.24x and 1.04x in bf16 in two runs an hour
+# Timed rounds of each precision after the warm-up (at least MIN_TIMED_ROUNDS, more while the budget
+# lasts): the gain must hold in each. On an idle Zen 5, a pretraining step measured 1.24x and 1.04x in bf16 in two runs an hour
 # apart, and a single timing once chose bf16 for a run that then went 0.90x fp32.
 TIMED_ROUNDS = 3
+MIN_TIMED_ROUNDS = 2
 
 
 def timed_precision(step: Callable[[], object], device, hardware: Hardware | None = None,
@@ -423,7 +429,7 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
                 ratios.append(this_round["fp32"] / this_round[offered])
                 for precision, taken in this_round.items():
                     seconds[precision] = min(seconds.get(precision, math.inf), taken)
-                if time.perf_counter() - started > budget_s:
+                if round_ >= MIN_TIMED_ROUNDS and time.perf_counter() - started > budget_s:
                     break
     # Every timed round must show the gain: on a VM whose speed drifts, one lucky round is not a gain.
     speedup = min(ratios)
@@ -431,7 +437,7 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
               f"in {offered}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
               + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""))
     if speedup >= MIN_PRECISION_GAIN:
-        native = ("the CPU has native bf16: " + ", ".join(f for f in ("avx512_bf16", "amx_bf16") if hardware.has(f))
+        native = ("the CPU has native bf16: " + ", ".join(hardware.native_bf16_features)
                   if kind == "cpu" else precision_reason(device, hardware))
         return offered, f"{offered} autocast: {timing} ({native})"
     return "fp32", (f"fp32: {offered} autocast is what this machine offers, but on this model it {timing}, "

@@ -54,8 +54,9 @@ class PretrainConfig:
     fashion_root: str | None = "/usr/share/datasets/fashion-mnist"
     checkpoint_every: int = 250
     data_workers: int = 1  # processes that render the next batches while this one trains
-    # auto | fp32 | bf16 | fp16: autocast of the step (capt.hardware); auto is bf16 on a CPU with native
-    # bf16, fp32 elsewhere. The committed default model was pretrained in fp32.
+    # auto | fp32 | bf16 | fp16: autocast of the step (capt.hardware); auto times bf16 against fp32 on one
+    # step where the CPU has native bf16 and takes it at MIN_PRECISION_GAIN, fp32 elsewhere. The committed
+    # default model was pretrained in fp32.
     precision: str = "auto"
 
     def __post_init__(self):
@@ -216,12 +217,15 @@ def _pretrain_precision(config: PretrainConfig, model: torch.nn.Module, clip, ou
     a reduced precision is timed on one step of this model (``timed_precision``); the choice is kept in
     ``pretrain_precision.json`` so that a resumed run continues in it rather than timing again."""
     precision = resolve_precision(config.precision, "cpu")
-    if config.precision != "auto" or offered_precision("cpu") == "fp32":
+    if config.precision != "auto":
         return precision
     chosen = output_dir / PRECISION_FILE
     if resumed:
-        # Continue what the run began in; a run without the record began before auto was timed: the rule.
+        # Continue what the run began in, on whatever machine it resumes (bf16 runs on any CPU, if slowly);
+        # a run without the record began before auto was timed: the rule.
         return json.loads(chosen.read_text())["precision"] if chosen.is_file() else precision
+    if offered_precision("cpu") == "fp32":
+        return precision
     count = config.batch_size  # the step as it runs: bf16's gain depends on the size of the matrices
     size = clip.image_size
     tokens = clip.tokenizer(["a photo of a red circle"] * count)

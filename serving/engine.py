@@ -144,10 +144,19 @@ class TorchAutocastEngine:
 
     def _run(self, pixels: np.ndarray) -> np.ndarray:
         import torch
-        if self.threads and self.device == "cpu" and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)  # OpenMP's thread count is per calling thread: set on each
-        with torch.inference_mode(), autocast_factory(self.dtype, self.device)():
-            out = self.model.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
+        before = torch.get_num_threads()
+        # OpenMP's thread count is per calling thread: set for this call, and given back after it, so that
+        # whatever else runs on this thread later (a probe, the start-up's timing) keeps its own.
+        switch = bool(self.threads) and self.device == "cpu" and before != self.threads
+        if switch:
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.inference_mode(), autocast_factory(self.dtype, self.device)():
+                out = self.model.encode_image(
+                    torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(self.device))
+        finally:
+            if switch:
+                torch.set_num_threads(before)
         return out.float().cpu().numpy()
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
@@ -276,22 +285,24 @@ def converted_fp16(bundle) -> Path:
 TENSORRT_MAX_BATCH = 256
 
 
-def tensorrt_options(image_size: int, max_batch: int = TENSORRT_MAX_BATCH) -> dict:
+def tensorrt_options(image_size: int, graph_digest: str, max_batch: int = TENSORRT_MAX_BATCH) -> dict:
     """ONNX Runtime TensorRT provider options of the ``tensorrt`` engine: fp16 kernels where TensorRT
     finds them faster (it keeps fp32 elsewhere; the self-test's agreement bar decides whether it
     serves), one optimisation profile for batches 1 to ``max_batch`` (optimised for 64), and the built
-    engines and timing cache under ``cache_dir()/tensorrt``."""
+    engines and timing cache under ``cache_dir()/tensorrt-<graph_digest>``: ONNX Runtime names its
+    cached engines by the graph's structure, not its weights, so two bundles of one architecture (or a
+    re-export in place) must not share a folder."""
     def shape(batch: int) -> str:
         return f"pixels:{batch}x3x{image_size}x{image_size}"
-    folder = str(cache_dir() / "tensorrt")
+    folder = str(cache_dir() / f"tensorrt-{graph_digest[:16]}")
     return {"trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": folder,
             "trt_timing_cache_enable": True, "trt_timing_cache_path": folder,
             "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(min(64, max_batch)),
             "trt_profile_max_shapes": shape(max_batch)}
 
 
-def _tensorrt_engine(graph: Path, image_size: int) -> OnnxEngine:
-    options = tensorrt_options(image_size)
+def _tensorrt_engine(graph: Path, image_size: int, graph_digest: str) -> OnnxEngine:
+    options = tensorrt_options(image_size, graph_digest)
     Path(options["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
     return OnnxEngine("tensorrt", _session(graph, "TensorrtExecutionProvider", options=options), TENSORRT_MAX_BATCH)
 
@@ -346,7 +357,7 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
         Candidate("onnx-cuda-fp16", cuda_reason is None, cuda_reason or "CUDA provider and device (graph converted to fp16)",
                   lambda: OnnxEngine("onnx-cuda-fp16", _session(converted_fp16(bundle), "CUDAExecutionProvider"))),
         Candidate("tensorrt", trt_reason is None, trt_reason or "TensorRT provider listed (fp16 kernels allowed)",
-                  lambda: _tensorrt_engine(graph, image_size)),
+                  lambda: _tensorrt_engine(graph, image_size, bundle.manifest["files"][IMAGE_ONNX])),
     ]
 
 

@@ -66,8 +66,8 @@ class Limits:
     # With several workers on a machine, give each about cores / workers.
     ort_threads: int = 0
     # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto
-    # times one attack step in bf16 against fp32 at start on a CPU with native bf16 and takes bf16 at 1.1x
-    # or better (capt.hardware.timed_precision), fp32 elsewhere. The judgement of the attack's final
+    # times one attack step in bf16 against fp32 at start on a CPU with native bf16 and takes bf16 at
+    # capt.hardware.MIN_PRECISION_GAIN or better (capt.hardware.timed_precision), fp32 elsewhere. The judgement of the attack's final
     # image (``flipped``, margins, ``served_onnx``) is always fp32.
     probe_precision: str = "auto"
     label_cache_size: int = 256

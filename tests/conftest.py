@@ -30,11 +30,12 @@ def vitb32_clip():
 
 @pytest.fixture
 def machine_offers_bf16(monkeypatch):
-    """This machine, made to look like one with native bf16 whose untimed rule is bf16 too (an AMX
-    CPU): the timed ``auto`` paths then time bf16 against fp32 whatever CPU runs the test."""
+    """This machine, made to look like a Zen 5: native bf16 (AVX512_BF16), but an untimed rule of fp32.
+    The timed ``auto`` paths (training, pretraining, the probe) then time bf16 against fp32 whatever CPU
+    runs the test, and only code that asks ``offered_precision`` (not the untimed rule) does so."""
     import capt.hardware
     monkeypatch.setattr(capt.hardware.Hardware, "native_bf16_cpu", property(lambda self: True))
-    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "fp32")
 
 
 def write_colour_folder(root, per_class=6, size=40, seed=0):

@@ -1,4 +1,6 @@
 """serving/engine.py: which path serves the image encoder, by capability and a self-test; CAPT_ENGINE."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -353,22 +355,29 @@ def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monk
     assert model.info()["probe_precision"]["why"]
 
 
-def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle):
+def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle, monkeypatch):
     """The server leaves a core to its event loop by its intra-op thread count (CAPT_ORT_THREADS or auto);
-    the torch engine must compute on that count too, not on PyTorch's one per core."""
+    the torch engine must compute on that count too, not on PyTorch's one per core, and give the calling
+    thread its own count back afterwards (a probe may run on that thread next)."""
     import threading
     one_thread = load_bundle(default_bundle, ["CPUExecutionProvider"], check=False, ort_threads=1)
     engine = {c.name: c for c in candidates(one_thread, ZEN5)}["torch-bf16"].build()
     assert engine.threads == 1
-    seen = []
+    engine.fixed_batch = None  # one call of the model below, whatever chunk size the timing chose
+    calls, during, after = [], [], []
+    real_set = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real_set(n))[1])
+    encode_image = engine.model.encode_image
+    engine.model.encode_image = lambda pixels: (during.append(torch.get_num_threads()), encode_image(pixels))[1]
 
     def encode_on_a_worker_thread():  # as the server calls it; OpenMP's count is per calling thread
+        real_set(2)  # the thread's own count, whatever this machine's default
         engine.encode(np.random.default_rng(3).random((2, 3, 64, 64), dtype=np.float32))
-        seen.append(torch.get_num_threads())
+        after.append(torch.get_num_threads())
     worker = threading.Thread(target=encode_on_a_worker_thread)
     worker.start()
     worker.join()
-    assert seen == [1]
+    assert during == [1] and calls == [1, 2] and after == [2]
 
 
 def test_the_tensorrt_engine_allows_fp16_in_one_profile_for_every_served_batch(bundle, tmp_path, monkeypatch):
@@ -385,12 +394,15 @@ def test_the_tensorrt_engine_allows_fp16_in_one_profile_for_every_served_batch(b
     graph = onnx.load(str(bundle.path / IMAGE_ONNX), load_external_data=False)
     (graph_input,) = graph.graph.input
     size = int(bundle.manifest["inputs"]["image"]["shape"][-1])
-    options = tensorrt_options(size)
+    digest = bundle.manifest["files"][IMAGE_ONNX]
+    options = tensorrt_options(size, digest)
     assert options["trt_fp16_enable"] is True and options["trt_engine_cache_enable"] is True
+    # ONNX Runtime names cached engines by the graph's structure: another graph's weights get a folder of their own
+    assert tensorrt_options(size, "0" * 64)["trt_engine_cache_path"] != options["trt_engine_cache_path"]
     assert options["trt_profile_min_shapes"] == f"{graph_input.name}:1x3x{size}x{size}"
     assert options["trt_profile_max_shapes"] == f"{graph_input.name}:{TENSORRT_MAX_BATCH}x3x{size}x{size}"
     assert TENSORRT_MAX_BATCH >= Limits().max_batch and TENSORRT_MAX_BATCH >= Limits().max_images
-    assert options["trt_engine_cache_path"] == str(tmp_path / "tensorrt")
+    assert options["trt_engine_cache_path"] == str(tmp_path / f"tensorrt-{digest[:16]}")
 
     asked = {}
 
@@ -403,9 +415,10 @@ def test_the_tensorrt_engine_allows_fp16_in_one_profile_for_every_served_batch(b
         return CpuSession()
     monkeypatch.setattr(export.bundle, "onnx_session", fake_session)
     with pytest.raises(EngineError, match="fell back to CPUExecutionProvider instead of TensorrtExecutionProvider"):
-        serving.engine._tensorrt_engine(bundle.path / IMAGE_ONNX, size)
+        serving.engine._tensorrt_engine(bundle.path / IMAGE_ONNX, size, digest)
     assert asked["providers"] == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert asked["options"] == {"TensorrtExecutionProvider": options} and (tmp_path / "tensorrt").is_dir()
+    assert asked["options"] == {"TensorrtExecutionProvider": options}
+    assert Path(options["trt_engine_cache_path"]).is_dir()
 
 
 def test_an_onnx_engine_runs_batches_over_its_limit_in_parts_in_order():

@@ -99,7 +99,7 @@ def test_features_and_description_serialise():
     text = hardware.describe(machine)
     assert "Xeon" in text and "H200" in text and "capability 9.0" in text
     zen5 = Hardware.from_flags(ZEN5)
-    assert zen5.to_dict()["recommended_precision"] == {"cpu": "fp32"} and zen5.to_dict()["timed_precision"] == {"cpu": "bf16"}
+    assert zen5.to_dict()["recommended_precision"] == {"cpu": "fp32"} and zen5.to_dict()["offered_precision"] == {"cpu": "bf16"}
     lines = hardware.describe(zen5).splitlines()
     assert any(line.startswith("precision auto on cpu, timed") and "bf16 against fp32" in line for line in lines)
     assert any(line.startswith("precision auto on cpu, untimed") and "fp32" in line for line in lines)

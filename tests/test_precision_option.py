@@ -230,7 +230,7 @@ def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, co
               "epochs": 2, "batch_size": 3, "attack": {"eps": "1/255", "steps": 1}, "output_dir": str(tmp_path / "run")}
     run = train(TrainConfig.from_dict(values), progress=False, stop_after_epoch=1)
     assert len(timed) == 1 and yaml.safe_load((run / "config.yaml").read_text())["precision"] == "fp32"
-    train(TrainConfig.from_dict(values), resume=True, progress=False)  # auto (rule: bf16) continues the fp32 run
+    train(TrainConfig.from_dict(values), resume=True, progress=False)  # auto continues the fp32 run, untimed
     assert len(timed) == 1  # not timed again
     explicit = train(TrainConfig.from_dict({**values, "precision": "bf16", "output_dir": str(tmp_path / "b")}),
                      progress=False, stop_after_epoch=1)

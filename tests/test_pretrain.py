@@ -60,7 +60,7 @@ def test_fashion_captions_name_their_class_and_claim_only_it(tmp_path):
 
 
 def _tiny_config(**overrides):
-    # fp32: where the machine offers bf16 (AMX), auto times both on each new run and two runs compared here
+    # fp32: where the machine offers bf16 (native bf16), auto times both on each new run and two runs compared here
     # could choose differently (tests/test_pretrain.py's auto test covers that path)
     values = dict(model="capt-tiny-vit", steps=4, batch_size=8, warmup_steps=1, checkpoint_every=2, fashion_root=None,
                   data_workers=0, precision="fp32")
@@ -147,10 +147,22 @@ def test_auto_precision_is_timed_once_and_a_resumed_run_keeps_it(tmp_path, monke
 def test_a_resumed_run_without_the_recorded_choice_keeps_the_rule_it_began_under(tmp_path, monkeypatch, machine_offers_bf16):
     import capt.hardware
     import capt.pretrain
+    monkeypatch.setattr(capt.hardware, "recommended_precision", lambda device, hardware=None: "bf16")  # an AMX rule
 
     def no_timing(step, device):
         raise AssertionError("a resumed run is not timed")
     monkeypatch.setattr(capt.pretrain, "timed_precision", no_timing)
     # began before auto was timed (no pretrain_precision.json): it ran under the rule, and continues so
+    assert capt.pretrain._pretrain_precision(_tiny_config(precision="auto"), None, None, tmp_path, resumed=True,
+                                             mean=None, std=None) == "bf16"
+
+
+def test_a_resumed_run_continues_its_recorded_choice_on_a_machine_that_offers_none(tmp_path, monkeypatch):
+    """A run timed into bf16, resumed on a CPU without native bf16, continues in bf16 (slowly) rather
+    than silently switching to fp32 mid-run."""
+    import capt.hardware
+    import capt.pretrain
+    monkeypatch.setattr(capt.hardware.Hardware, "native_bf16_cpu", property(lambda self: False))
+    (tmp_path / capt.pretrain.PRECISION_FILE).write_text(json.dumps({"precision": "bf16", "why": "timed (test)"}))
     assert capt.pretrain._pretrain_precision(_tiny_config(precision="auto"), None, None, tmp_path, resumed=True,
                                              mean=None, std=None) == "bf16"

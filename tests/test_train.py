@@ -14,7 +14,7 @@ TRAINABLE = [m for m in list_methods() if load_method(m).get("trainable", True)]
 
 
 def make_config(tmp_path, colour_folder, **overrides):
-    """A small training run. fp32 unless overridden: where the CPU offers bf16 (AMX), auto times a step
+    """A small training run. fp32 unless overridden: where the CPU offers bf16 (native bf16), auto times a step
     each way first, so two runs compared by a test could choose differently, and call-counting tests
     would count the timing (tests/test_precision_option.py tests auto)."""
     values = {"model": "capt-tiny-vit", "pretrained": "none", "method": "capt", "precision": "fp32",

@@ -113,7 +113,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 def test_training_killed_mid_epoch_then_resumed_ends_with_the_same_prompts(tmp_path, colour_folder, spawn):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        # fp32: where the CPU offers bf16 (AMX), auto is timed per fresh run, and the two runs compared here could
+        # fp32: where the CPU offers bf16 (native bf16), auto is timed per fresh run, and the two runs compared here could
         # choose differently (a resumed run keeps its choice: tests/test_precision_option.py)
         "model": "capt-tiny-vit", "pretrained": "none", "method": "capt", "shots": 4, "epochs": EPOCHS, "precision": "fp32",
         "batch_size": BATCH, "warmup_epochs": 1, "lr": 0.05, "device": "cpu",
