@@ -20,6 +20,8 @@ PRECISIONS = ("fp32", "bf16", "auto")
 
 
 def worker_train(config: dict) -> dict:
+    import logging
+
     import torch
 
     from capt.config import TrainConfig
@@ -30,11 +32,21 @@ def worker_train(config: dict) -> dict:
             "data": {"name": "toyworld_pairs", "split": "train"}, "shots": config["shots"], "seed": 1,
             "epochs": config["epochs"], "batch_size": BATCH, "device": "cpu", "num_workers": 0,
             "precision": config["precision"], "output_dir": str(Path(tmp) / "run"), "attack": {**ATTACK}})
+        said = []  # what auto's timing said ("precision auto: ..."), from the trainer's log
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                if record.getMessage().startswith("precision auto:"):
+                    said.append(record.getMessage().removeprefix("precision auto: "))
+        log = logging.getLogger("capt.train")
+        log.setLevel(logging.INFO)
+        log.addHandler(Keep())
         run_dir = train(train_config, progress=False)
         import yaml
         used = yaml.safe_load((run_dir / "config.yaml").read_text())["precision"]
         epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"epochs": epochs, "precision_used": used, "torch_threads": torch.get_num_threads()}
+    return {"epochs": epochs, "precision_used": used, "torch_threads": torch.get_num_threads(),
+            "auto_why": said[0] if said else None}
 
 
 def worker_pretrain(config: dict) -> dict:
@@ -55,10 +67,11 @@ WORKERS = {"train": worker_train, "pretrain": worker_pretrain}
 def run(quick: bool) -> dict:
     shots, epochs = (1, 2) if quick else (2, 3)
     steps, every = (6, 3) if quick else (30, 10)
-    rows, step_s, auto_why = [], {}, None
+    rows, step_s, auto_why, train_why = [], {}, None, None
     for precision in PRECISIONS:
         result = run_worker("precision", "train", {"precision": precision, "shots": shots, "epochs": epochs})
         measured = result["epochs"][1:]  # epoch 1: warm-up and the frozen features
+        train_why = result.get("auto_why") or train_why
         seconds = sum(e["seconds"] for e in measured)
         n_steps = sum(math.ceil(e["images"] / BATCH) for e in measured)
         step_s["train", precision] = seconds / n_steps
@@ -90,6 +103,8 @@ def run(quick: bool) -> dict:
              f"pretraining: PretrainConfig defaults (batch 128, data rendered by 1 worker process) for {steps} steps, "
              f"timed between the step-{every} and step-{steps} log lines",
              "the losses are a sanity check that both precisions train, not a comparison of results"]
+    if train_why:
+        notes.append(f"training, auto's timing at the start: {train_why}")
     if auto_why:
         notes.append(f"pretraining, auto's timing at the start: {auto_why}")
     return report("precision", "--precision: training and pretraining steps, fp32, bf16 and auto (CPU)",
