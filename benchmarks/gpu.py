@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from benchmarks.common import error_text, main, ratio, report, run_worker, time_calls
-from benchmarks.encoder import build_model, parity_input
+from benchmarks.encoder import _max_abs_diff, build_model, parity_input
 
 MODEL = "ViT-B-32"
 BATCHES = (1, 64, 256)
@@ -64,11 +64,6 @@ def worker_torch(config: dict) -> dict:
 
 
 WORKERS = {"cuda": worker_cuda, "torch": worker_torch}
-
-
-def _max_abs_diff(a, b) -> float | None:
-    import numpy as np
-    return None if a is None or b is None else float(np.abs(np.asarray(a) - np.asarray(b)).max())
 
 
 def ort_sides(exports: dict, size: int) -> dict:

@@ -390,8 +390,8 @@ def resolve_precision(requested: str, device, hardware: Hardware | None = None) 
 # and without a clear gain fp32's exact arithmetic is worth more).
 MIN_PRECISION_GAIN = 1.10
 # Timed rounds of each precision after the warm-up (at least MIN_TIMED_ROUNDS, more while the budget
-# lasts): the gain must hold in each. On an idle Zen 5, a pretraining step measured 1.24x and 1.04x in bf16 in two runs an hour
-# apart, and a single timing once chose bf16 for a run that then went 0.90x fp32.
+# lasts): the gain must hold in each. On an idle Zen 5, a pretraining step measured 1.24x and 1.04x in
+# bf16 in two runs an hour apart, and a single timing once chose bf16 for a run that then went 0.90x fp32.
 TIMED_ROUNDS = 3
 MIN_TIMED_ROUNDS = 2
 

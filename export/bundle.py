@@ -159,8 +159,8 @@ def onnx_session(path: str | Path, providers: Sequence[str] | None = None, spinn
     if threads < 0:
         raise ValueError(f"ONNX Runtime threads must be >= 0 (0: its default), got {threads}")
     options.intra_op_num_threads = threads
-    chosen = [(p, (provider_options or {})[p]) if p in (provider_options or {}) else p
-              for p in wanted or ["CPUExecutionProvider"]]
+    options_of = provider_options or {}
+    chosen = [(p, options_of[p]) if p in options_of else p for p in wanted or ["CPUExecutionProvider"]]
     return ort.InferenceSession(str(path), sess_options=options, providers=chosen)
 
 

@@ -67,8 +67,8 @@ class Limits:
     ort_threads: int = 0
     # The probe's attack steps (forward+backward on the twin): auto, fp32, bf16 or fp16 autocast; auto
     # times one attack step in bf16 against fp32 at start on a CPU with native bf16 and takes bf16 at
-    # capt.hardware.MIN_PRECISION_GAIN or better (capt.hardware.timed_precision), fp32 elsewhere. The judgement of the attack's final
-    # image (``flipped``, margins, ``served_onnx``) is always fp32.
+    # capt.hardware.MIN_PRECISION_GAIN or better (capt.hardware.timed_precision), fp32 elsewhere. The
+    # judgement of the attack's final image (``flipped``, margins, ``served_onnx``) is always fp32.
     probe_precision: str = "auto"
     label_cache_size: int = 256
     # /v1/embeddings requests at once; more are refused with 429 and Retry-After, never queued.
@@ -300,7 +300,8 @@ class ServingModel:
         copy with its weights in that precision (the torch engine's own where it serves), so that autocast
         casts no weight at every step. ``auto`` where the machine offers a reduced precision is timed on
         one attack step (forward and backward to the pixels, batch 1, as a probe runs) each way."""
-        precision = offered_precision("cpu", self.hardware) if requested == "auto" else resolve_precision(requested, "cpu", self.hardware)
+        precision = (offered_precision("cpu", self.hardware) if requested == "auto"
+                     else resolve_precision(requested, "cpu", self.hardware))
         if precision == "fp32":
             why = f"CAPT_PROBE_PRECISION={requested}" if requested != "auto" else precision_reason("cpu", self.hardware)
             return precision, why, self.torch_model
