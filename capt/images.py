@@ -50,7 +50,8 @@ def load_opened_image(image: Image.Image) -> Image.Image:
     with _decoding_errors():
         image.seek(0)  # animated images: the first frame
         image.load()
-        image = ImageOps.exif_transpose(image)
+        # In place: without an orientation tag exif_transpose returns a copy (36 MB at 12 megapixels).
+        ImageOps.exif_transpose(image, in_place=True)
     return to_rgb(image)
 
 
@@ -96,7 +97,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, image.convert("RGBA"))
-    return image.convert("RGB")
+    # convert("RGB") of an RGB image is a copy of it: the image itself is the same pixels.
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def resized_size(width: int, height: int, preprocess_cfg: dict[str, Any]) -> tuple[int, int]:
