@@ -1,7 +1,8 @@
 """The /ui page in a real browser: Debian's chromium, headless, driven through chromedriver (selenium),
 against a real `bentoml serve` of the default model. What the page renders is checked against what the
-API answers over HTTP for the same image and arguments, and a full-page screenshot is saved to
-results/ui/try-it.png.
+API answers over HTTP for the same image and arguments, and a full-page screenshot is taken (into the
+test's temporary folder; with CAPT_UPDATE_SCREENSHOT=1 into results/ui/try-it.png, the README's picture:
+a test run does not rewrite a tracked file unless asked).
 
 Needs `chromium` and `chromedriver` (`make test` installs them with apt-get when it runs as root);
 without them these tests skip and say so."""
@@ -126,7 +127,7 @@ def _classify_in_page(driver, url, labels_text, labels):
     return expected
 
 
-def test_the_page_classifies_and_probes_as_the_api_does(browser, ui_server):
+def test_the_page_classifies_and_probes_as_the_api_does(browser, ui_server, tmp_path):
     driver, url = browser, ui_server.url
     _open(driver, url)
     page = httpx.get(f"{url}/ui/")
@@ -194,7 +195,7 @@ def test_the_page_classifies_and_probes_as_the_api_does(browser, ui_server):
     assert {f"{origin}/info", f"{origin}/classify", f"{origin}/probe", f"{origin}/ui/app.js"} <= set(resources)
     assert _severe_console(driver) == []
 
-    _screenshot(driver, SCREENSHOT)
+    _screenshot(driver, SCREENSHOT if os.environ.get("CAPT_UPDATE_SCREENSHOT") == "1" else tmp_path / "try-it.png")
 
 
 def _screenshot(driver, path: Path):
