@@ -46,7 +46,8 @@ def open_image(data: bytes, max_bytes: int | None = None, max_pixels: int | None
 
 
 def load_opened_image(image: Image.Image) -> Image.Image:
-    """An image from :func:`open_image`, decoded to RGB (the first frame, EXIF orientation applied)."""
+    """An image from :func:`open_image`, decoded to RGB (the first frame, EXIF orientation applied to it
+    in place: the result may be that image object itself)."""
     with _decoding_errors():
         image.seek(0)  # animated images: the first frame
         image.load()
@@ -84,7 +85,7 @@ def load_image_file(path: str | Path) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """8-bit RGB as the model sees it: transparency composited on white (as a browser shows it),
     16-bit and float greys rescaled rather than clipped (PIL's own convert saturates them to white),
-    CMYK, YCbCr, palette and the rest through PIL's conversions."""
+    CMYK, YCbCr, palette and the rest through PIL's conversions. An RGB image comes back as it is, not copied."""
     if image.mode.startswith("I"):  # integer greys, read as 16-bit (how PNG and TIFF store them)
         values = np.asarray(image, dtype=np.float64)
         scale = 1 / 257 if image.mode != "I" or values.max() > 255 else 1.0

@@ -3,7 +3,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import png_bytes
 from serving.errors import ImageRejected
@@ -91,7 +91,6 @@ def test_exif_orientation_is_honoured():
     assert np.abs(decoded - upright).mean() < 8
 
 
-
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_gives_pils_own_transposed_pixels(orientation):
     """decode_image transposes in place and skips RGB's self-copy (two 36 MB copies at 12 megapixels);
@@ -100,13 +99,13 @@ def test_every_exif_orientation_gives_pils_own_transposed_pixels(orientation):
     exif = Image.Exif()
     exif[0x0112] = orientation
     data = png_bytes(stored, "JPEG", exif=exif, quality=95)
-    from PIL import ImageOps
     reference = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
     decoded = decode_image(data, **LIMITS)
     assert decoded.mode == "RGB"
     assert decoded.getexif().get(0x0112, 1) == 1  # the tag is consumed, so nothing transposes it again
     np.testing.assert_array_equal(np.asarray(decoded), reference)
     assert reference.shape[:2] == ((20, 12) if orientation >= 5 else (12, 20))
+
 
 @pytest.mark.parametrize("size, image_size", [
     ((64, 64), (64, 64)),   # the model's size: the fast path
