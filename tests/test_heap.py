@@ -14,7 +14,10 @@ def test_start_up_objects_are_frozen_and_later_garbage_is_still_collected():
     survivor = Node()
     try:
         frozen = freeze_startup_heap()
-        assert frozen == gc.get_freeze_count() > 1000
+        # Frozen objects still die by reference count, and threads that earlier tests left running
+        # (servers, thread pools) may free a few between the two calls: the count can only fall.
+        assert frozen > 1000
+        assert 0.99 * frozen <= gc.get_freeze_count() <= frozen
         assert not any(obj is survivor for obj in gc.get_objects())  # frozen objects are not tracked for collection
         cycle = Node()
         cycle.self = cycle  # only a garbage collection frees a cycle
