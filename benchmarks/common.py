@@ -154,6 +154,8 @@ def machine() -> dict:
     return {
         "cpu": described.get("cpu_model") or platform.processor() or platform.machine(),
         "cpu_vendor": described.get("cpu_vendor"),
+        "cpu_signature": described.get("cpu_signature"),  # tells apart VMs that share one model name
+        "l3_cache_mib": described.get("l3_cache_mib"),
         "cpu_features": ", ".join(features) if features else None,
         "torch_cpu_capability": described.get("torch_cpu_capability"),
         "precision_auto": described.get("recommended_precision"),  # untimed work

@@ -59,6 +59,10 @@ class Hardware:
     """A description of a machine. Build a fake one with :meth:`from_flags`."""
     cpu_vendor: str | None = None
     cpu_model: str | None = None
+    # VMs often show one generic model name ("Intel(R) Xeon(R) Processor") for different generations:
+    # the x86 family/model/stepping and the L3 size are what tell two such machines apart in a report.
+    cpu_signature: str | None = None  # "family 6 model 207 stepping 2"; None off x86
+    l3_cache_mib: float | None = None
     arch: str = "x86_64"
     flags: frozenset = field(default_factory=frozenset)
     flags_known: bool = True  # False where /proc/cpuinfo could not be read (not Linux)
@@ -171,6 +175,38 @@ def parse_cpuinfo(text: str) -> tuple[str | None, str | None, frozenset]:
     return vendor, model, flags
 
 
+def parse_cpu_signature(text: str) -> str | None:
+    """"family F model M stepping S" of the first processor in a /proc/cpuinfo text; None where the
+    text has no x86 ``cpu family`` and ``model`` lines (ARM, not Linux)."""
+    found: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip().lower(), value.strip()
+        if key == "processor" and found:
+            break  # the first processor only
+        if key in ("cpu family", "model", "stepping") and value.isdigit():
+            found[key] = value
+    if "cpu family" not in found or "model" not in found:
+        return None
+    return f"family {found['cpu family']} model {found['model']}" + (
+        f" stepping {found['stepping']}" if "stepping" in found else "")
+
+
+def read_l3_cache_mib(cache: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> float | None:
+    """The size of the level-3 cache that CPU 0 shares, in MiB, from Linux's sysfs (``index*/level``
+    and ``index*/size``, e.g. "491520K"); None where it is not there."""
+    for index in sorted(cache.glob("index*")):
+        with contextlib.suppress(OSError, ValueError):
+            if (index / "level").read_text().strip() != "3":
+                continue
+            size = (index / "size").read_text().strip().upper()
+            units = {"K": 1 / 1024, "M": 1.0, "G": 1024.0}  # Linux writes kibibytes ("491520K")
+            if size[-1:] in units:
+                return round(float(size[:-1]) * units[size[-1]], 1)
+            return round(float(size) / 1024 ** 2, 1)  # plain bytes
+    return None
+
+
 def parse_physical_cores(text: str, usable: Iterable[int] | None = None) -> int | None:
     """Distinct physical cores among the ``usable`` processors (all if None) of a /proc/cpuinfo text;
     None where it has no ``core id`` lines (some VMs, ARM)."""
@@ -273,13 +309,14 @@ def _versions() -> dict:
 @functools.lru_cache(maxsize=1)
 def detect() -> Hardware:
     """This machine (cached: the hardware does not change while a process runs)."""
-    vendor = model = physical = None
+    vendor = model = physical = signature = None
     flags: frozenset = frozenset()
     known = False
     affinity = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     with contextlib.suppress(OSError):
         cpuinfo = Path("/proc/cpuinfo").read_text()
         vendor, model, flags = parse_cpuinfo(cpuinfo)
+        signature = parse_cpu_signature(cpuinfo)
         physical = parse_physical_cores(cpuinfo, affinity)
         known = True
     if model is None:
@@ -298,7 +335,8 @@ def detect() -> Hardware:
         import onnxruntime
         providers = tuple(onnxruntime.get_available_providers())
     usable = len(affinity) if affinity is not None else os.cpu_count()
-    return Hardware(cpu_vendor=vendor, cpu_model=model, arch=platform.machine(), flags=flags, flags_known=known,
+    return Hardware(cpu_vendor=vendor, cpu_model=model, cpu_signature=signature, l3_cache_mib=read_l3_cache_mib(),
+                    arch=platform.machine(), flags=flags, flags_known=known,
                     torch_cpu_capability=capability, logical_cores=os.cpu_count(), usable_cores=usable,
                     physical_cores=physical, cpu_quota=_cpu_quota(),
                     torch_threads=threads, cuda=cuda, onnxruntime_providers=providers, versions=_versions())
@@ -471,7 +509,9 @@ def describe(hardware: Hardware | None = None) -> str:
     """The lines ``capt info`` prints."""
     hardware = hardware or detect()
     yes = [name for name, on in hardware.features().items() if on]
-    lines = [f"CPU: {hardware.cpu_model or 'unknown'} ({hardware.cpu_vendor or 'unknown vendor'}, {hardware.arch})",
+    identity = [hardware.cpu_vendor or "unknown vendor", hardware.arch, hardware.cpu_signature,
+                f"L3 {hardware.l3_cache_mib:g} MiB" if hardware.l3_cache_mib else None]
+    lines = [f"CPU: {hardware.cpu_model or 'unknown'} ({', '.join(part for part in identity if part)})",
              f"cores: {hardware.usable_cores} usable of {hardware.logical_cores}"
              f" ({hardware.physical_cores or 'unknown'} physical"
              + (f", CPU quota {hardware.cpu_quota:g}" if hardware.cpu_quota else ", no CPU quota")

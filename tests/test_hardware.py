@@ -30,6 +30,45 @@ def test_cpuinfo_is_parsed_into_vendor_model_and_flags():
     assert hardware.parse_cpuinfo("") == (None, None, frozenset())
 
 
+XEON_CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 207
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 2
+processor\t: 1
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Processor
+stepping\t: 8
+"""
+
+
+def test_the_cpu_signature_tells_apart_machines_with_one_model_name():
+    assert hardware.parse_cpu_signature(XEON_CPUINFO) == "family 6 model 207 stepping 2"  # the first processor's
+    assert hardware.parse_cpu_signature(XEON_CPUINFO.replace("model\t\t: 207", "model\t\t: 167")) \
+        == "family 6 model 167 stepping 2"
+    assert hardware.parse_cpu_signature(CPUINFO) is None  # no family/model lines (as on ARM)
+    machine = Hardware.from_flags(SAPPHIRE, cpu_model="Intel(R) Xeon(R) Processor", cpu_vendor="GenuineIntel",
+                                  cpu_signature="family 6 model 167 stepping 1", l3_cache_mib=480.0)
+    assert hardware.describe(machine).splitlines()[0] == \
+        "CPU: Intel(R) Xeon(R) Processor (GenuineIntel, x86_64, family 6 model 167 stepping 1, L3 480 MiB)"
+
+
+def test_the_l3_cache_is_read_from_sysfs(tmp_path):
+    for name, level, size in [("index0", 1, "48K"), ("index2", 2, "2048K"), ("index3", 3, "491520K")]:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "level").write_text(f"{level}\n")
+        (tmp_path / name / "size").write_text(f"{size}\n")
+    assert hardware.read_l3_cache_mib(tmp_path) == 480.0
+    (tmp_path / "index3" / "size").write_text("32M\n")
+    assert hardware.read_l3_cache_mib(tmp_path) == 32.0
+    (tmp_path / "index3" / "level").write_text("2\n")
+    assert hardware.read_l3_cache_mib(tmp_path) is None  # no level-3 cache
+    assert hardware.read_l3_cache_mib(tmp_path / "missing") is None
+
+
 @pytest.mark.parametrize("flags, expected", [(AVX2, "fp32"), (set(), "fp32"), (ZEN5, "fp32"), (SAPPHIRE, "bf16"),
                                              (AVX2 | {"amx_bf16"}, "bf16"), (AVX2 | {"avx512f"}, "fp32"),
                                              (AVX2 | {"avx512f", "avx512_bf16"}, "fp32")])
@@ -126,6 +165,7 @@ def test_benchmark_reports_describe_the_machine_through_capt_hardware():
     info = machine()
     assert info["hardware"]["features"] == hardware.detect().to_dict()["features"]
     assert info["precision_auto"]["cpu"] == recommended_precision("cpu")
+    assert info["cpu_signature"] == hardware.detect().cpu_signature
     assert "hardware" not in machine_markdown(info).split(":")[0]
 
 
