@@ -157,13 +157,18 @@ class Hardware:
 
 
 # ---- detection -----------------------------------------------------------------------------------
+def _cpuinfo_fields(text: str) -> Iterable[tuple[str, str]]:
+    """(key in lower case, value) of each line of a /proc/cpuinfo text, stripped."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        yield key.strip().lower(), value.strip()
+
+
 def parse_cpuinfo(text: str) -> tuple[str | None, str | None, frozenset]:
     """(vendor, model name, flags) of the first processor in a /proc/cpuinfo text (x86 and ARM)."""
     vendor = model = None
     flags: frozenset = frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
+    for key, value in _cpuinfo_fields(text):
         if key == "vendor_id" and vendor is None:
             vendor = value
         elif key == "cpu implementer" and vendor is None:
@@ -179,9 +184,7 @@ def parse_cpu_signature(text: str) -> str | None:
     """"family F model M stepping S" of the first processor in a /proc/cpuinfo text; None where the
     text has no x86 ``cpu family`` and ``model`` lines (ARM, not Linux)."""
     found: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
+    for key, value in _cpuinfo_fields(text):
         if key == "processor" and found:
             break  # the first processor only
         if key in ("cpu family", "model", "stepping") and value.isdigit():
@@ -212,9 +215,7 @@ def parse_physical_cores(text: str, usable: Iterable[int] | None = None) -> int 
     None where it has no ``core id`` lines (some VMs, ARM)."""
     wanted = None if usable is None else set(usable)
     cores, processor, package = set(), None, "0"
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip().lower(), value.strip()
+    for key, value in _cpuinfo_fields(text):
         if key == "processor":
             processor, package = int(value) if value.isdigit() else None, "0"
         elif key == "physical id":
