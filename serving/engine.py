@@ -6,7 +6,8 @@ Candidates (``ENGINES``), each an :class:`ImageEngine` (``encode(pixels) -> embe
   export's parity was measured on.
 - ``onnx-int8``: the same graph with its MatMul weights quantised to int8 (ONNX Runtime dynamic
   quantisation, activations quantised at run time; as ``benchmarks/quantize.py``), made at start-up
-  and cached by the graph's sha256 under ``CAPT_ENGINE_CACHE`` (default ``~/.cache/capt/engines``).
+  and cached by the graph's sha256 under ``CAPT_ENGINE_CACHE`` (default ``~/.cache/capt/engines``),
+  run one image per call (``INT8_IMAGES_PER_RUN``: batch invariance, below).
 - ``torch-bf16``: the bundle's PyTorch twin under bf16 autocast, its weights cast to bf16 once, run in
   chunks of one fixed size (batch invariance, below); offered on CPUs with native bf16 (AVX512_BF16 or
   AMX-BF16, :mod:`capt.hardware`).
@@ -22,10 +23,11 @@ aside), and *batch invariance*: the embeddings of a few sample images encoded al
 embeddings inside larger mixed batches to ``MAX_BATCH_DIFF`` (max abs difference of the L2-normalised
 embeddings). The server's micro-batcher (``serving/batching.py``) puts concurrent requests' images in
 one encoder batch, so an engine that fails it answers a client according to other clients' requests.
-ONNX Runtime's dynamic int8 quantisation does (its activation scales are computed per batch tensor):
-measured on the default model, AMD Zen 5, 3.7e-3 to 6.3e-3 for onnx-int8, where onnx-fp32 differed by
-0 (a GEMM's blocking may change with the batch size: ~1e-6 is fp32's level). torch-bf16 did too
-(1.9e-3) until it ran fixed chunks (``FIXED_BATCHES``, below): 0 since.
+ONNX Runtime's dynamic int8 quantisation does when it runs a batch (its activation scales are computed
+over the whole input tensor): measured on the default model, AMD Zen 5, 3.7e-3 to 6.3e-3 for batched
+int8, where onnx-fp32 differed by 0 (a GEMM's blocking may change with the batch size: ~1e-6 is fp32's
+level). So onnx-int8 runs every image alone, its scales then its own: 0 since (2026-12-03). torch-bf16
+did too (1.9e-3) until it ran fixed chunks (``FIXED_BATCHES``, below): 0 since.
 A reduced-precision path must also beat the fastest fp32 path by ``MIN_GAIN``: a short timing
 is noisy, and without a clear gain the exact path is worth more. Speed is the geometric mean of
 images/s at batch 1 (a lone request) and at the sample batch (a loaded server). The self-test is
@@ -85,7 +87,9 @@ class ImageEngine(Protocol):
 class OnnxEngine:
     name: str
     session: object
-    max_batch: int | None = None  # larger batches run in parts (TensorRT's optimisation profile ends there)
+    # Larger batches run in parts: TensorRT's optimisation profile ends there; dynamic int8 runs one image
+    # a call (INT8_IMAGES_PER_RUN), so that no image's activation scales depend on its neighbours.
+    max_batch: int | None = None
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         if self.max_batch and len(pixels) > self.max_batch:
@@ -104,6 +108,12 @@ class OnnxEngine:
 # or its place in a batch of a given size (0.0 measured). So the bf16 engine runs every batch as chunks of
 # one fixed size, padding the last, and its answers do not depend on other requests.
 FIXED_BATCHES = (1, 2, 4, 8, 16)
+# Dynamic int8 quantises each MatMul's input with one scale computed over the whole tensor, so a batched
+# image's embedding moves with its neighbours (default model: 3.1e-3..6.3e-3, 30-60x MAX_BATCH_DIFF).
+# One image a call makes the scales the image's own (0 measured). It costs little where one image fills
+# the cores: on the default model's 1 thread (Xeon with AMX, model 167) one image a call ran 1,196 img/s
+# at batch 32 against 1,054 batched, and fp32 batched 733.
+INT8_IMAGES_PER_RUN = 1
 FIXED_BATCH_BUDGET_S = 2.0
 
 
@@ -346,7 +356,8 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
         Candidate("onnx-int8", int8_ok,
                   ("int8 MatMuls" + (" with VNNI" if hardware.vnni else " (no VNNI: u8s8 dot products in AVX2)"))
                   if int8_ok else f"no fast int8 kernels known for {hardware.arch} without AVX2",
-                  lambda: OnnxEngine("onnx-int8", _session(quantised_int8(bundle), "CPUExecutionProvider", threads))),
+                  lambda: OnnxEngine("onnx-int8", _session(quantised_int8(bundle), "CPUExecutionProvider", threads),
+                                     INT8_IMAGES_PER_RUN)),
         Candidate("torch-bf16", hardware.native_bf16_cpu,
                   "native bf16 on this CPU" if hardware.native_bf16_cpu else
                   "no native bf16 (AVX512_BF16 or AMX-BF16): PyTorch would emulate it, slower than fp32",

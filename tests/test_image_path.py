@@ -12,7 +12,7 @@ from PIL import Image
 from capt.data import load_dataset
 from capt.images import pixel_transform
 from conftest import png_bytes, toy_image
-from export.bundle import IMAGE_ONNX, onnx_session
+from export.bundle import load_bundle
 from serving.images import read_upload
 
 
@@ -59,21 +59,31 @@ def test_a_dataset_and_an_upload_of_the_same_file_give_identical_pixels(folder, 
             assert (plain - served_pixels).abs().max() > 0.5, name
 
 
+def _served_engine(server, default_bundle):
+    """The server's image engine (``/info``), built here on the same graph: an image's embedding by the
+    engine that served it (auto may serve another path than the exported fp32 graph, e.g. onnx-int8)."""
+    from capt.hardware import detect
+    from serving.engine import candidates
+    name = httpx.post(f"{server.url}/info", json={}, timeout=60).json()["image_engine"]["serving"]
+    bundle = load_bundle(default_bundle, ["CPUExecutionProvider"], check=False)
+    return next(c for c in candidates(bundle, detect()) if c.name == name).build()
+
+
 def test_classify_sees_the_pixels_evaluation_sees(folder, server, default_bundle):
     root, files = folder
     preprocess = json.loads((default_bundle / "manifest.json").read_text())["preprocess"]
     data = load_dataset(f"imagefolder:{root}", pixel_transform(preprocess))
-    session = onnx_session(default_bundle / IMAGE_ONNX, ["CPUExecutionProvider"])
+    engine = _served_engine(server, default_bundle)
     for index, label in enumerate(data.labels):
         name = f"{data.classnames[label]}/{'0.jpg' if data.classnames[label] == 'rotated' else '0.png'}"
-        expected = session.run(None, {"pixels": data.dataset[index][0][None].numpy()})[0][0]
+        expected = engine.encode(data.dataset[index][0][None].numpy())[0]
         answer = httpx.post(f"{server.url}/embed_image", files=[("images", (name, files[name], "image/png"))], timeout=60)
         assert answer.status_code == 200, answer.text
         served = np.asarray(answer.json()["embeddings"][0])
-        assert np.abs(served - expected).max() < 1e-5, name
+        assert np.abs(served - expected).max() < 1e-5, (name, engine.name)
         if data.classnames[label] in ("rotated", "transparent"):  # what a plain convert("RGB") would have sent
             plain = pixel_transform(preprocess)(Image.open(root / name).convert("RGB"))
-            assert np.abs(session.run(None, {"pixels": plain[None].numpy()})[0][0] - served).max() > 1e-2, name
+            assert np.abs(engine.encode(plain[None].numpy())[0] - served).max() > 1e-2, name
 
 
 def test_longest_resize_mode_pads_instead_of_cropping():
