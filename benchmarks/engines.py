@@ -44,7 +44,9 @@ def worker_engine(config: dict) -> dict:
     embeddings = np.concatenate([engine.encode(samples[i:i + 32]) for i in range(0, len(samples), 32)])
     similarity = embeddings @ text.T
     result = {"engine": engine.name, "applies": candidate.applies, "why": candidate.why, "samples": len(samples),
-              "sample_source": source, "throughput": {}, "fixed_batch": getattr(engine, "fixed_batch", None),
+              "sample_source": source, "throughput": {},
+              # torch-bf16's fixed chunks, onnx-int8's one image a call, TensorRT's largest part
+              "fixed_batch": getattr(engine, "fixed_batch", None) or getattr(engine, "max_batch", None),
               # the server's batch-invariance test (serving/engine.py): alone vs inside mixed batches
               "batch_max_abs_diff": batch_dependence(engine, samples[:32], embeddings[:32])}
     for batch in config["batches"]:
@@ -158,7 +160,9 @@ def run(quick: bool) -> dict:
              "longer timing; the other rows run with the libraries' default threads (one per core), as an "
              "encoder alone would",
              "chunk: torch-bf16 runs every batch as chunks of one size (chosen by timing when it loads), the "
-             "last padded, because bf16 kernels change with the batch size; `img/s b1` then includes the padding",
+             "last padded, because bf16 kernels change with the batch size; `img/s b1` then includes the padding; "
+             "onnx-int8 runs one image a call, because dynamic quantisation computes its activation scales over "
+             "the whole input (batched, an image's embedding moves with its neighbours)",
              "every path is timed here whatever auto would offer (`capability says`), so that a path that "
              "capability rules out is seen to be slower, not assumed so",
              "GPU paths (onnx-cuda-fp32, onnx-cuda-fp16, tensorrt) are coded in serving/engine.py; they are "
