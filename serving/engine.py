@@ -91,6 +91,15 @@ class OnnxEngine:
     # a call (INT8_IMAGES_PER_RUN), so that no image's activation scales depend on its neighbours.
     max_batch: int | None = None
 
+    @property
+    def details(self) -> dict:
+        """What the self-test's report (``/info`` → ``image_engine``) says of how this engine runs a batch."""
+        if self.max_batch == INT8_IMAGES_PER_RUN and self.name == "onnx-int8":
+            return {"images_per_call": 1, "images_per_call_why": (
+                "dynamic int8 computes its activation scales over the whole input, so each image runs alone "
+                "and its answer does not depend on the other images of its batch")}
+        return {"max_images_per_call": self.max_batch} if self.max_batch else {}
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         if self.max_batch and len(pixels) > self.max_batch:
             return np.concatenate([self.encode(pixels[i:i + self.max_batch])

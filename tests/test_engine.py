@@ -87,6 +87,7 @@ def test_every_candidate_is_measured_and_the_choice_is_a_safe_one(bundle):
     assert chosen["batch_invariant"] is True and report["batch_invariant"] is True
     int8 = _row(report, "onnx-int8")  # one image a call: its activation scales are its own
     assert int8["loaded"] and int8["batch_invariant"] is True and int8["batch_max_abs_diff"] <= MAX_BATCH_DIFF
+    assert int8["images_per_call"] == 1 and "activation scales" in int8["images_per_call_why"]
     assert engine.name == report["engine"] and report["reason"]
 
 
