@@ -1,4 +1,5 @@
 """serving/engine.py: which path serves the image encoder, by capability and a self-test; CAPT_ENGINE."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 
 from capt.hardware import Hardware, detect
 from export.bundle import load_bundle
-from serving.engine import (ENGINES, INT8_IMAGES_PER_RUN, MAX_BATCH_DIFF, Candidate, DerivedGraphFailed, EngineError,
+from serving.engine import (ENGINES, INT8_IMAGES_PER_RUN, MAX_BATCH_DIFF, MIN_GAIN, Candidate, DerivedGraphFailed, EngineError,
                             ImageEngine, OnnxEngine, TorchAutocastEngine, _derived_graph, batch_dependence, candidates,
                             choose_engine, sample_set)
 from serving.model import Limits, ServingModel
@@ -120,6 +121,35 @@ def test_an_engine_whose_answers_depend_on_the_batch_is_rejected(bundle):
     assert row["top1_agreement"] >= 0.99  # it agrees with fp32: only the batch makes it unsafe
     assert row["batch_invariant"] is False and row["batch_max_abs_diff"] > 10 * MAX_BATCH_DIFF
     assert row["verdict"].startswith("rejected: answers depend on batch composition: max |alone - in batch| = ")
+
+
+class _FastAloneSlowInBatches:
+    """The exported graph's answers, instantly for a lone image it has seen (memoised by its bytes), and
+    with 20 ms of waiting an image in a batch: far faster at batch 1, far slower loaded."""
+
+    def __init__(self, name, session):
+        self.name, self.session, self.seen = name, session, {}
+
+    def encode(self, pixels):
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if len(pixels) == 1 and pixels.tobytes() in self.seen:
+            return self.seen[pixels.tobytes()]
+        out = self.session.run(None, {"pixels": pixels})[0]
+        if len(pixels) == 1:
+            self.seen[pixels.tobytes()] = out
+        else:
+            time.sleep(0.02 * len(pixels))
+        return out
+
+
+def test_a_path_that_loses_at_one_batch_is_not_chosen_for_its_geometric_mean(bundle):
+    lopsided = Candidate("lopsided", True, "a test engine", lambda: _FastAloneSlowInBatches("lopsided", bundle.image_session))
+    engine, report = choose_engine(bundle, BARE, "auto", extra=[lopsided])
+    row, fp32 = _row(report, "lopsided"), _row(report, "onnx-fp32")
+    assert row["img_s_b1"] > 5 * fp32["img_s_b1"] and row["img_s_batch"] * 5 < fp32["img_s_batch"]
+    assert row["speed"] > MIN_GAIN * fp32["speed"]  # the geometric mean alone would have chosen it
+    assert engine.name == "onnx-fp32" and row["verdict"].startswith("safe, but ")
+    assert f"the fp32 path at batch {row['batch']}" in row["verdict"]
 
 
 def test_an_exact_engine_passes_the_batch_invariance_test(bundle):
