@@ -126,6 +126,16 @@ def test_random_weight_vit_b32_with_prompts_exports_with_parity(tmp_path):
     manifest = export_bundle(checkpoint, tmp_path / "bundle", sample_count=8)
     assert manifest["parity"]["max_abs_diff"] <= 1e-4 and manifest["parity"]["top1_agreement"] == 1.0
     assert manifest["inputs"]["text"]["shape"] == ["batch", 75]
+    # The served onnx-int8's graph: with the export's value_info kept, ONNX Runtime's quantiser failed on
+    # this graph ("Inferred shape and existing shape differ in dimension 0: (512) vs (768)").
+    from serving.engine import make_int8_graph
+    make_int8_graph(tmp_path / "bundle" / IMAGE_ONNX, tmp_path / "int8.onnx")
+    pixels = np.random.default_rng(0).random((2, 3, 224, 224), dtype=np.float32)
+    fp32 = onnx_session(tmp_path / "bundle" / IMAGE_ONNX, ["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
+    int8 = onnx_session(tmp_path / "int8.onnx", ["CPUExecutionProvider"]).run(None, {"pixels": pixels})[0]
+    assert int8.shape == fp32.shape == (2, 512) and np.isfinite(int8).all()
+    cosine = (int8 * fp32).sum(-1) / (np.linalg.norm(int8, axis=-1) * np.linalg.norm(fp32, axis=-1))
+    assert cosine.min() > 0.95  # the same encoder in int8, not another one (unrelated embeddings: ~0)
 
 
 def test_a_tampered_or_incomplete_bundle_is_refused_by_name(tiny_bundle, tmp_path):
