@@ -162,7 +162,8 @@ def run(quick: bool) -> dict:
              "chunk: torch-bf16 runs every batch as chunks of one size (chosen by timing when it loads), the "
              "last padded, because bf16 kernels change with the batch size; `img/s b1` then includes the padding; "
              "onnx-int8 runs one image a call, because dynamic quantisation computes its activation scales over "
-             "the whole input (batched, an image's embedding moves with its neighbours)",
+             "the whole input (batched, an image's embedding moves with its neighbours); tensorrt runs larger "
+             "batches in parts of this size (its optimisation profile's end), unpadded",
              "every path is timed here whatever auto would offer (`capability says`), so that a path that "
              "capability rules out is seen to be slower, not assumed so",
              "GPU paths (onnx-cuda-fp32, onnx-cuda-fp16, tensorrt) are coded in serving/engine.py; they are "

@@ -85,17 +85,16 @@ def worker_ort(config: dict) -> dict:
     import numpy as np
 
     from export.bundle import onnx_session
+    from serving.engine import INT8_IMAGES_PER_RUN, OnnxEngine
     arrays = np.load(config["data"])
     text = onnx_session(Path(config["bundle"]) / "text_encoder.onnx", ["CPUExecutionProvider"])
     class_embeddings = text.run(None, {"tokens": arrays["tokens"]})[0]
     results = {}
     for variant, path in config["graphs"].items():
         session = onnx_session(path, ["CPUExecutionProvider"], spinning=True)
-        # The served onnx-int8 engine runs one image a call (serving.engine.INT8_IMAGES_PER_RUN).
-        part = 1 if variant in config.get("one_image_a_call", ()) else 64
-
-        def encode(pixels, session=session, part=part):
-            return np.concatenate([session.run(None, {"pixels": pixels[i:i + part]})[0] for i in range(0, len(pixels), part)])
+        # The served onnx-int8 engine runs one image a call; the others in parts of 64 (memory).
+        served = variant in config.get("one_image_a_call", ())
+        encode = OnnxEngine(variant, session, INT8_IMAGES_PER_RUN if served else 64).encode
         entry = {"throughput": {}, "predictions": {}}
         for batch in config["batches"]:
             pixels = arrays["clean"][:batch]

@@ -64,9 +64,14 @@ def _served_engine(server, default_bundle):
     engine that served it (auto may serve another path than the exported fp32 graph, e.g. onnx-int8)."""
     from capt.hardware import detect
     from serving.engine import candidates
-    name = httpx.post(f"{server.url}/info", json={}, timeout=60).json()["image_engine"]["serving"]
+    report = httpx.post(f"{server.url}/info", json={}, timeout=60).json()["image_engine"]
+    name = report["serving"]
     bundle = load_bundle(default_bundle, ["CPUExecutionProvider"], check=False)
-    return next(c for c in candidates(bundle, detect()) if c.name == name).build()
+    engine = next(c for c in candidates(bundle, detect()) if c.name == name).build()
+    served_row = next(row for row in report["candidates"] if row["name"] == name)
+    if served_row.get("fixed_batch"):  # torch-bf16: its chunk size changes its answers; take the server's
+        engine.fixed_batch = served_row["fixed_batch"]
+    return engine
 
 
 def test_classify_sees_the_pixels_evaluation_sees(folder, server, default_bundle):
