@@ -242,6 +242,27 @@ class DerivedGraphFailed(RuntimeError):
     cache, so a restart does not spend the same seconds failing again)."""
 
 
+STALE_PARTIAL_S = 3600.0  # no derived graph takes an hour to make; a partial file that old is a killed start's
+
+
+def sweep_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) -> list[Path]:
+    """Delete the hidden work files (``.image_encoder-*``: partial graphs, the int8 recipe's unannotated
+    copy, the quantiser's inferred sibling) that a start killed while making a graph left in ``folder``,
+    once ``older_than_s`` old: for ViT-B-32 each is a full-size copy of its 350 MB graph. Files of a start
+    still at work are younger and stay. Returns what was deleted."""
+    deleted, now = [], time.time()
+    for path in folder.glob(".image_encoder-*"):
+        try:
+            if path.is_file() and now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                deleted.append(path)
+        except OSError:
+            continue  # another start deleted it, or the cache is read-only: nothing to do
+    if deleted:
+        logger.info("engine cache: deleted %d stale partial file(s) in %s", len(deleted), folder)
+    return deleted
+
+
 def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Path:
     """The ``kind`` graph derived from the bundle's image graph by ``make(source, target)``, made once
     and cached by the source's sha256. A ``make`` that raises is recorded in ``<target>.failed`` (keyed
@@ -255,6 +276,7 @@ def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Pat
     digest = bundle.manifest["files"][IMAGE_ONNX][:16]
     target = cache_dir() / f"image_encoder-{digest}-{kind}.onnx"
     failure = target.with_name(f"{target.name}.ort-{onnxruntime.__version__}.failed")
+    sweep_stale_partials(target.parent)
     if failure.is_file():
         raise DerivedGraphFailed(f"{failure.read_text().strip()} (recorded at an earlier start in {failure}; "
                                  "delete it to retry)")

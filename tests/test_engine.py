@@ -1,4 +1,5 @@
 """serving/engine.py: which path serves the image encoder, by capability and a self-test; CAPT_ENGINE."""
+import time
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,21 @@ def test_a_machine_error_while_deriving_a_graph_is_not_recorded(bundle, tmp_path
         with pytest.raises(OSError, match="No space left"):
             _derived_graph(bundle, "int8", disk_full)
     assert calls == ["write", "write"] and not list(tmp_path.glob("*.failed"))
+
+
+def test_partial_files_a_killed_start_left_are_swept_at_the_next_one(bundle, tmp_path, monkeypatch):
+    import os
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    old = tmp_path / ".image_encoder-0123456789abcdef-int8-unannotated.onnx.999.partial.unannotated.onnx"
+    fresh = tmp_path / ".image_encoder-0123456789abcdef-int8-unannotated.onnx.998.partial"
+    kept = tmp_path / "image_encoder-0123456789abcdef-int8-unannotated.onnx"  # a finished graph, however old
+    for path in (old, fresh, kept):
+        path.write_bytes(b"x")
+    two_hours_ago = time.time() - 7200
+    for path in (old, kept):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+    _derived_graph(bundle, "copy", lambda source, target: target.write_bytes(source.read_bytes()))
+    assert not old.exists() and fresh.exists() and kept.exists()
 
 
 def _bf16_engine(bundle, fixed_batch):
