@@ -8,9 +8,9 @@ import torch
 
 from capt.hardware import Hardware, detect
 from export.bundle import load_bundle
-from serving.engine import (ENGINES, INT8_IMAGES_PER_RUN, MAX_BATCH_DIFF, MIN_GAIN, Candidate, DerivedGraphFailed, EngineError,
+from serving.engine import (ENGINES, INT8_IMAGES_PER_RUN, MAX_BATCH_DIFF, MIN_GAIN, SELF_TEST_MAX_LABELS, Candidate, DerivedGraphFailed, EngineError,
                             ImageEngine, OnnxEngine, TorchAutocastEngine, _derived_graph, batch_dependence, candidates,
-                            choose_engine, sample_set, slower_than)
+                            choose_engine, sample_set, self_test_labels, slower_than)
 from serving.model import Limits, ServingModel
 
 BARE = Hardware.from_flags(set())  # an x86 CPU without AVX2: only the exported fp32 graph applies
@@ -316,6 +316,18 @@ def test_a_machine_error_while_deriving_a_graph_is_not_recorded(bundle, tmp_path
         with pytest.raises(OSError, match="No space left"):
             _derived_graph(bundle, "int8", disk_full)
     assert calls == ["write", "write"] and not list(tmp_path.glob("*.failed"))
+
+
+def test_the_self_test_encodes_at_most_its_label_limit_of_a_large_label_set(bundle):
+    import dataclasses
+    labels = [f"class number {i}" for i in range(SELF_TEST_MAX_LABELS * 3 + 5)]
+    subset = self_test_labels(labels)
+    assert len(subset) == SELF_TEST_MAX_LABELS == len(set(subset)) and subset == sorted(subset, key=labels.index)
+    assert subset == self_test_labels(labels) and subset != labels[:SELF_TEST_MAX_LABELS]  # seeded, spread out
+    assert self_test_labels(labels[:10]) == labels[:10]
+    large = dataclasses.replace(bundle, manifest={**bundle.manifest, "labels": labels})
+    pixels, text, _ = sample_set(large, 8)
+    assert text.shape[0] == SELF_TEST_MAX_LABELS and len(pixels) == 8
 
 
 def test_partial_files_a_killed_start_left_are_swept_at_the_next_one(bundle, tmp_path, monkeypatch):
