@@ -119,13 +119,14 @@ class OnnxEngine:
 # or its place in a batch of a given size (0.0 measured). So the bf16 engine runs every batch as chunks of
 # one fixed size, padding the last, and its answers do not depend on other requests.
 FIXED_BATCHES = (1, 2, 4, 8, 16)
+FIXED_BATCH_BUDGET_S = 2.0
+
 # Dynamic int8 quantises each MatMul's input with one scale computed over the whole tensor, so a batched
 # image's embedding moves with its neighbours (default model: 3.1e-3..6.3e-3, 30-60x MAX_BATCH_DIFF).
 # One image a call makes the scales the image's own (0 measured). It costs little where one image fills
 # the cores: on the default model's 1 thread (Xeon with AMX, model 167) one image a call ran 1,196 img/s
 # at batch 32 against 1,054 batched, and fp32 batched 733.
 INT8_IMAGES_PER_RUN = 1
-FIXED_BATCH_BUDGET_S = 2.0
 
 
 def reduced_copy(twin, dtype: str = "bf16", device: str = "cpu"):
