@@ -1,7 +1,9 @@
-"""Start-up time of the served engine choice (``serving.engine.choose_engine`` with auto) on ViT-B-32
-with random weights, in two fresh processes sharing a fresh engine cache: the first start makes (or
-fails to make) the derived graphs, the second finds them (or the recorded failure) in the cache.
-Each start is ``benchmarks.engines``' own ``auto`` worker.
+"""Start-up time of the served engine choice (the ONNX Runtime threads and the engine, auto, as the
+server makes it) on ViT-B-32 with random weights, in three fresh processes sharing a fresh engine
+cache: the first start makes (or fails to make) the derived graphs and measures every path; the second
+recalls what the first measured and rechecks the kept engine's safety; the third measures again
+(``CAPT_ENGINE_RETUNE=1``) with the derived graphs already made. Each start is ``benchmarks.engines``'
+own ``auto`` worker, remembering as the server does.
 
     python -m benchmarks.engine_startup        (prints one JSON line per start, then the cache's files)
 """
@@ -12,16 +14,21 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.common import default_bundle, random_bundle, run_worker
+from serving.engine import RETUNE_ENV
 
 
 def main() -> None:
     labels = json.loads((default_bundle() / "manifest.json").read_text())["labels"]
     bundle = random_bundle("ViT-B-32", labels)
     with tempfile.TemporaryDirectory(prefix="capt-engine-cache-") as cache:
-        for start in ("first start", "second start"):
-            result = run_worker("engines", "auto", {"bundle": str(bundle)}, env={"CAPT_ENGINE_CACHE": cache})
+        for start, retune in (("first start", "0"), ("second start (recalled)", "0"), ("third start (retuned)", "1")):
+            result = run_worker("engines", "auto", {"bundle": str(bundle), "remember": True},
+                                env={"CAPT_ENGINE_CACHE": cache, RETUNE_ENV: retune})
             int8 = next(row for row in result["report"]["candidates"] if row["name"] == "onnx-int8")
             print(start, json.dumps({"engine": result["engine"], "seconds": result["seconds"],
+                                     "threads_seconds": result["ort_threads_report"]["seconds"],
+                                     "engine_seconds": result["report"]["seconds"],
+                                     "recalled": "recalled" in result["report"],
                                      "onnx-int8": int8.get("verdict", "")[:160]}))
         print("cache:", sorted(p.name for p in Path(cache).iterdir()))
 

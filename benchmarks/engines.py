@@ -65,19 +65,25 @@ def worker_engine(config: dict) -> dict:
 
 def worker_auto(config: dict) -> dict:
     """What the server picks at start-up (``ServingModel``'s steps: ``choose_ort_threads``, then
-    ``choose_engine`` with auto on sessions with those threads), and how long that took."""
+    ``choose_engine`` with auto on sessions with those threads), and how long that took. Measured
+    afresh, unless ``config["remember"]``: then as the server does, recalling what an earlier start kept
+    in the engine cache (``remembered_ort_threads``, ``remembered_engine``)."""
     import time
 
     from capt.hardware import detect
     from export.bundle import IMAGE_ONNX
-    from serving.engine import choose_engine, choose_ort_threads
+    from serving.engine import choose_engine, choose_ort_threads, remembered_engine, remembered_ort_threads
     hardware = detect()
     started = time.perf_counter()
     manifest = json.loads((Path(config["bundle"]) / "manifest.json").read_text())
-    threads, threads_report = choose_ort_threads(Path(config["bundle"]) / IMAGE_ONNX,
-                                                 manifest["inputs"]["image"]["shape"][-1], hardware.compute_cores)
+    graph, image_size = Path(config["bundle"]) / IMAGE_ONNX, manifest["inputs"]["image"]["shape"][-1]
+    if config.get("remember"):
+        threads_report = remembered_ort_threads(graph, manifest["files"][IMAGE_ONNX], image_size, hardware)
+        threads = threads_report["used"]
+    else:
+        threads, threads_report = choose_ort_threads(graph, image_size, hardware.compute_cores)
     bundle = _bundle(config["bundle"], threads)
-    engine, chosen = choose_engine(bundle, hardware, "auto")
+    engine, chosen = (remembered_engine if config.get("remember") else choose_engine)(bundle, hardware, "auto")
     return {"engine": engine.name, "ort_threads": threads, "ort_threads_report": threads_report, "report": chosen,
             "seconds": round(time.perf_counter() - started, 2)}
 

@@ -40,15 +40,23 @@ so serving something else would be a surprise. An override that fails only batch
 served (a user may knowingly want a batch-dependent path's speed), logged as a warning and reported as batch-dependent
 (``batch_invariant: false`` and ``warning`` in the report, ``/info`` → ``image_engine``).
 ``onnx-fp32`` needs no self-test at all.
+
+The server does not measure at every start: :func:`remembered_engine` and :func:`remembered_ort_threads`
+keep what auto measured in the engine cache, and a later start on the same machine, with the same graph,
+settings and code (:func:`choice_key`), serves the kept engine once its safety is rechecked
+(``CAPT_ENGINE_RETUNE=1`` measures again).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -155,12 +163,18 @@ class TorchAutocastEngine:
 
     @classmethod
     def from_twin(cls, name: str, twin, dtype: str = "bf16", device: str = "cpu", image_size: int | None = None,
-                  budget_s: float = FIXED_BATCH_BUDGET_S, threads: int = 0) -> "TorchAutocastEngine":
+                  budget_s: float = FIXED_BATCH_BUDGET_S, threads: int = 0,
+                  recorded: dict | None = None) -> "TorchAutocastEngine":
         """A copy of ``twin`` with its weights in ``dtype`` (the twin itself stays fp32: the probe and the
         judge use it), and, given ``image_size``, the fixed chunk size that runs fastest here
-        (:meth:`fastest_fixed_batch`)."""
+        (:meth:`fastest_fixed_batch`); given ``recorded`` (an earlier start's self-test row), the chunk
+        size that start measured, untimed."""
         engine = cls(name, reduced_copy(twin, dtype, device), dtype, device, threads=threads)
-        if image_size:
+        if recorded is not None:
+            engine.fixed_batch = int(recorded["fixed_batch"])
+            engine.details = {key: recorded[key] for key in ("fixed_batch", "fixed_batch_img_s", "fixed_batch_why")
+                              if key in recorded}
+        elif image_size:
             engine.fixed_batch, engine.details = engine.fastest_fixed_batch(image_size, budget_s)
         return engine
 
@@ -220,6 +234,9 @@ class Candidate:
     applies: bool  # by capability
     why: str
     build: Callable[[], ImageEngine]
+    # The engine as an earlier start measured it (its self-test row), where building it times something
+    # (torch-bf16's chunk size); None: ``build`` measures nothing, and serves for a recalled choice too.
+    build_as_recorded: Callable[[dict], ImageEngine] | None = None
 
 
 # ---- candidates -----------------------------------------------------------------------------------
@@ -420,7 +437,9 @@ def candidates(bundle, hardware: Hardware, providers: Sequence[str] | None = Non
                   "native bf16 on this CPU" if hardware.native_bf16_cpu else
                   "no native bf16 (AVX512_BF16 or AMX-BF16): PyTorch would emulate it, slower than fp32",
                   lambda: TorchAutocastEngine.from_twin("torch-bf16", bundle.twin, "bf16", "cpu", image_size,
-                                                        threads=threads)),
+                                                        threads=threads),
+                  lambda row: TorchAutocastEngine.from_twin("torch-bf16", bundle.twin, "bf16", "cpu", threads=threads,
+                                                            recorded=row)),
         Candidate("onnx-cuda-fp32", cuda_reason is None, cuda_reason or "CUDA provider and device",
                   lambda: OnnxEngine("onnx-cuda-fp32", _session(graph, "CUDAExecutionProvider"))),
         Candidate("onnx-cuda-fp16", cuda_reason is None, cuda_reason or "CUDA provider and device (graph converted to fp16)",
@@ -570,18 +589,32 @@ def self_test(engine: ImageEngine, samples: np.ndarray, text: np.ndarray, refere
     """Agreement of ``engine`` with the ``reference`` embeddings (None: it is the reference) on
     ``samples``, its batch invariance (:func:`batch_dependence`), and its speed at batch 1 and at the
     sample batch, within about ``budget_s``."""
-    from export.onnx_export import top1_agreement
-    embeddings = np.asarray(engine.encode(samples), dtype=np.float32)  # also the warm-up of the big batch
-    if not np.isfinite(embeddings).all():
-        raise EngineError("non-finite embeddings")
+    embeddings = _embeddings(engine, samples)  # also the warm-up of the big batch
     one = samples[:1]
     engine.encode(one)  # warm-up of batch 1
     b1 = _best_time(lambda: engine.encode(one), budget_s / 3, minimum=2)
     bn = _best_time(lambda: engine.encode(samples), budget_s * 2 / 3, minimum=1)
     result = {"img_s_b1": round(1 / b1, 1), "img_s_batch": round(len(samples) / bn, 1), "batch": len(samples)}
     result["speed"] = round(math.sqrt(result["img_s_b1"] * result["img_s_batch"]), 1)
+    result.update(safety(engine, samples, embeddings, text, reference))
+    return result, embeddings
+
+
+def _embeddings(engine: ImageEngine, samples: np.ndarray) -> np.ndarray:
+    embeddings = np.asarray(engine.encode(samples), dtype=np.float32)
+    if not np.isfinite(embeddings).all():
+        raise EngineError("non-finite embeddings")
+    return embeddings
+
+
+def safety(engine: ImageEngine, samples: np.ndarray, embeddings: np.ndarray, text: np.ndarray,
+           reference: np.ndarray | None) -> dict:
+    """The self-test's safety measurements of ``engine`` (``embeddings``: its embeddings of ``samples``):
+    batch invariance (:func:`batch_dependence`) and, against the ``reference`` embeddings (None: it is
+    the reference), top-1 agreement over the class embeddings ``text`` and the embeddings' distance."""
+    from export.onnx_export import top1_agreement
     difference = batch_dependence(engine, samples, embeddings)
-    result.update({"batch_max_abs_diff": float(f"{difference:.3g}"), "batch_invariant": difference <= MAX_BATCH_DIFF})
+    result = {"batch_max_abs_diff": float(f"{difference:.3g}"), "batch_invariant": difference <= MAX_BATCH_DIFF}
     if reference is not None:
         agreement = top1_agreement(reference @ text.T, embeddings @ text.T)
         cosine = float(np.min(np.sum(embeddings * reference, -1)
@@ -592,7 +625,7 @@ def self_test(engine: ImageEngine, samples: np.ndarray, text: np.ndarray, refere
                        "min_cosine": round(cosine, 5)})
     else:
         result.update({"top1_agreement": 1.0, "top1_near_ties": 0, "embedding_max_abs_diff": 0.0, "min_cosine": 1.0})
-    return result, embeddings
+    return result
 
 
 def slower_than(row: dict, exact: dict) -> str | None:
@@ -749,3 +782,144 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
               "samples": {"images": count, "source": sample_name},
               "candidates": [*measured.values(), *rows], "seconds": round(time.perf_counter() - started, 3)}
     return engines[chosen], report
+
+
+# ---- measured choices, kept between starts --------------------------------------------------------
+# What auto measured at a start (the ONNX Runtime threads, the engine) is kept in the engine cache, keyed
+# by everything the measurement depended on: the graph's sha256, this machine's description
+# (``capt.hardware``: CPU, features, cores, CPU quota, CUDA devices, library versions), the settings
+# (threads, providers, the candidates and why they apply) and this file's own source, so that a change
+# to how choices are made invalidates every kept one. A later start with the same key serves the kept
+# engine after rechecking its safety now (top-1 agreement and batch invariance on the sample images, not
+# its speed): on ViT-B-32, 2 cores of the Xeon of model 167, measuring took 8.9 s for the threads and
+# 14.3 s for the engine at a start whose derived graphs were already made. ``CAPT_ENGINE_RETUNE=1``
+# measures again, and keeps what it measured. An explicit ``CAPT_ENGINE`` is tested at every start.
+RETUNE_ENV = "CAPT_ENGINE_RETUNE"
+CHOICE_FORMAT = 1
+
+
+def retune_requested() -> bool:
+    return os.environ.get(RETUNE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def choice_key(kind: str, hardware: Hardware, **settings) -> dict:
+    """What a ``kind`` measurement depended on, as JSON values (a kept record must match it exactly)."""
+    machine = hardware.to_dict()
+    machine.pop("why", None)  # prose about the machine, not a fact of it
+    key = {"kind": kind, "format": CHOICE_FORMAT, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+           "machine": machine, **settings}
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _choice_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / f"choice-{key['kind']}-{digest}.json"
+
+
+def recall_choice(key: dict) -> dict | None:
+    """The record (``value``, ``measured_at``, ``file``) that an earlier start kept for ``key``, or None:
+    none kept, ``CAPT_ENGINE_RETUNE`` set, or a file that is unreadable or holds another key."""
+    if retune_requested():
+        return None
+    path = _choice_path(key)
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("engine cache: ignoring the unreadable choice record %s (%s)", path, err)
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("value"), dict):
+        return None
+    return {"value": record["value"], "measured_at": str(record.get("measured_at")), "file": str(path)}
+
+
+def keep_choice(key: dict, value: dict) -> None:
+    """Keep ``value`` for ``key`` (atomically: a concurrent start reads a whole record or none)."""
+    path = _choice_path(key)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
+    try:
+        partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+        os.replace(partial, path)
+    except OSError as err:  # an unwritable cache only costs the next start its measurement
+        partial.unlink(missing_ok=True)
+        logger.info("engine cache: could not keep the measured choice in %s (%s)", path, err)
+
+
+def _recalled_note(record: dict) -> str:
+    return (f"measured by an earlier start on this machine ({record['measured_at']}) and kept in {record['file']}; "
+            f"{RETUNE_ENV}=1 measures again")
+
+
+def remembered_ort_threads(graph: Path, graph_digest: str, image_size: int, hardware: Hardware) -> dict:
+    """:func:`choose_ort_threads`'s report for ``graph`` on this machine, measured once and recalled by
+    later starts (``recalled`` in the report says when it was measured)."""
+    started = time.perf_counter()
+    key = choice_key("ort-threads", hardware, graph=graph_digest, image_size=image_size,
+                     cores=hardware.compute_cores)
+    record = recall_choice(key)
+    if record is not None and isinstance(record["value"].get("used"), int) and record["value"]["used"] >= 1:
+        return {**record["value"], "seconds": round(time.perf_counter() - started, 3),
+                "recalled": {"measured_at": record["measured_at"], "file": record["file"],
+                             "seconds": record["value"].get("seconds")},
+                "reason": f"{record['value'].get('reason')} ({_recalled_note(record)})"}
+    report = choose_ort_threads(graph, image_size, hardware.compute_cores)[1]
+    keep_choice(key, report)
+    return report
+
+
+def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",
+                      providers: Sequence[str] | None = None,
+                      extra: Sequence[Candidate] = ()) -> tuple[ImageEngine, dict]:
+    """:func:`choose_engine`, its auto choice measured once per key (:func:`choice_key`) and recalled by
+    later starts: the kept engine is built as measured and serves once its safety, rechecked now on the
+    sample images (top-1 agreement with fp32 and batch invariance), still holds; otherwise, or where it
+    cannot be built, the paths are measured again. An explicit ``override`` and a reduced-precision
+    bundle go to :func:`choose_engine` every time."""
+    from export.bundle import IMAGE_ONNX
+    override = (override or "auto").strip()
+    if override != "auto" or bundle.manifest.get("precision", "fp32") != "fp32":
+        return choose_engine(bundle, hardware, override, providers, extra=extra)
+    started = time.perf_counter()
+    pool = {c.name: c for c in [*candidates(bundle, hardware, providers), *extra]}
+    key = choice_key("engine", hardware, graph=bundle.manifest["files"][IMAGE_ONNX], ort_threads=bundle.ort_threads,
+                     providers=list(providers) if providers else None,
+                     candidates=[[c.name, c.applies, c.why] for c in pool.values()],
+                     samples=str(bundle.manifest.get("parity", {}).get("sample", "synthetic")))
+    record = recall_choice(key)
+    if record is not None:
+        try:
+            return _recalled_engine(bundle, pool, record, started)
+        except Exception as err:  # noqa: BLE001 - a kept choice that no longer holds is measured again
+            logger.warning("image encoder: the choice kept in %s no longer holds (%s: %s); measuring again",
+                           record["file"], type(err).__name__, err)
+    engine, report = choose_engine(bundle, hardware, "auto", providers, extra=extra)
+    if all(row.get("loaded", True) or str(row.get("error", "")).startswith("DerivedGraphFailed")
+           for row in report["candidates"]):
+        keep_choice(key, report)  # not a choice made while a path failed to load for a passing reason
+    return engine, report
+
+
+def _recalled_engine(bundle, pool: dict[str, Candidate], record: dict, started: float) -> tuple[ImageEngine, dict]:
+    report = record["value"]
+    chosen = report["engine"]
+    row = next(r for r in report["candidates"] if r["name"] == chosen)
+    candidate = pool[chosen]
+    engine = candidate.build_as_recorded(row) if candidate.build_as_recorded else candidate.build()
+    recheck: dict = {}
+    if chosen != REFERENCE:  # the exported fp32 graph is the reference: nothing to recheck
+        count = int(report["samples"]["images"])
+        samples, text, _ = sample_set(bundle, count)
+        reference = _embeddings(pool[REFERENCE].build(), samples)
+        recheck = {"images": count, **safety(engine, samples, _embeddings(engine, samples), text, reference)}
+        if recheck["top1_agreement"] < MIN_AGREEMENT:
+            raise EngineError(f"{chosen}: top-1 agreement with fp32 {recheck['top1_agreement']:.2%} < {MIN_AGREEMENT:.0%}")
+        if not recheck["batch_invariant"]:
+            raise EngineError(f"{chosen}: {batch_verdict(recheck['batch_max_abs_diff'])}")
+    seconds = round(time.perf_counter() - started, 3)
+    recheck["seconds"] = seconds
+    return engine, {**report, "seconds": seconds,
+                    "reason": f"{report['reason']} ({_recalled_note(record)}; its safety rechecked at this start)",
+                    "recalled": {"measured_at": record["measured_at"], "file": record["file"],
+                                 "seconds": report.get("seconds"), "recheck": recheck}}

@@ -29,7 +29,7 @@ from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, veri
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
-from .engine import REFERENCE, TorchAutocastEngine, choose_engine, choose_ort_threads, reduced_copy
+from .engine import REFERENCE, TorchAutocastEngine, reduced_copy, remembered_engine, remembered_ort_threads
 from .errors import Busy, ImageRejected, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -266,9 +266,8 @@ class ServingModel:
         manifest = None
         if not self.limits.ort_threads:  # auto (serving/engine.py), timed on the verified graph
             manifest = verify_bundle(bundle_dir)
-            self.ort_threads_report = choose_ort_threads(Path(bundle_dir) / IMAGE_ONNX,
-                                                         manifest["inputs"]["image"]["shape"][-1],
-                                                         self.hardware.compute_cores)[1]
+            self.ort_threads_report = remembered_ort_threads(Path(bundle_dir) / IMAGE_ONNX, manifest["files"][IMAGE_ONNX],
+                                                             manifest["inputs"]["image"]["shape"][-1], self.hardware)
         self.ort_threads = self.ort_threads_report["used"]
         self.bundle = load_bundle(bundle_dir, providers, check=check_twin, ort_threads=self.ort_threads,
                                   verified_manifest=manifest)
@@ -282,9 +281,10 @@ class ServingModel:
             logger.warning("ONNX Runtime %s", self.provider_note)
         self.torch_model = self.bundle.twin
         # The served image encoder (serving/engine.py): ``engine`` or CAPT_ENGINE, default auto (a short
-        # self-test of the paths this machine offers); an explicit one that cannot serve stops start-up.
+        # self-test of the paths this machine offers, kept for later starts on this machine, which recheck
+        # only its safety); an explicit one that cannot serve stops start-up.
         override = engine if engine is not None else os.environ.get("CAPT_ENGINE", "auto")
-        self.engine, self.engine_report = choose_engine(self.bundle, self.hardware, override, providers)
+        self.engine, self.engine_report = remembered_engine(self.bundle, self.hardware, override, providers)
         logger.info("image encoder: %s (%s)", self.engine.name, self.engine_report["reason"])
         self.probe_precision, self.probe_precision_why, self.probe_model = self._probe_precision(
             check_precision(self.limits.probe_precision))
