@@ -48,6 +48,7 @@ settings and code (:func:`choice_key`), serves the kept engine once its safety i
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -171,6 +172,8 @@ class TorchAutocastEngine:
         size that start measured, untimed."""
         engine = cls(name, reduced_copy(twin, dtype, device), dtype, device, threads=threads)
         if recorded is not None:
+            if recorded.get("fixed_batch") not in FIXED_BATCHES:
+                raise EngineError(f"recorded chunk size {recorded.get('fixed_batch')!r} is not one of {FIXED_BATCHES}")
             engine.fixed_batch = int(recorded["fixed_batch"])
             engine.details = {key: recorded[key] for key in ("fixed_batch", "fixed_batch_img_s", "fixed_batch_why")
                               if key in recorded}
@@ -245,9 +248,10 @@ def cache_dir() -> Path:
     path = Path(os.environ.get("CAPT_ENGINE_CACHE") or Path.home() / ".cache" / "capt" / "engines")
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        # A probe of a name of its own: two threads of one process probing one name raced (one's unlink
+        # failed, and it fell back to the temporary folder, with records and a lock of its own).
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
         return path
     except OSError:
         fallback = Path(tempfile.gettempdir()) / "capt-engines"
@@ -712,7 +716,7 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
             row.update(loaded=True, **result)
             engines[candidate.name] = engine
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal (auto)
-            row.update(loaded=False, error=f"{type(err).__name__}: {err}"[:300])
+            row.update(loaded=False, error=f"{type(err).__name__}: {err}"[:300], machine_error=isinstance(err, OSError))
         measured[candidate.name] = row
 
     def agrees(row: dict) -> bool:
@@ -786,28 +790,51 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
 
 # ---- measured choices, kept between starts --------------------------------------------------------
 # What auto measured at a start (the ONNX Runtime threads, the engine) is kept in the engine cache, keyed
-# by everything the measurement depended on: the graph's sha256, this machine's description
-# (``capt.hardware``: CPU, features, cores, CPU quota, CUDA devices, library versions), the settings
-# (threads, providers, the candidates and why they apply) and this file's own source, so that a change
-# to how choices are made invalidates every kept one. A later start with the same key serves the kept
+# by what the measurement depended on: the graph's sha256, this machine's description (``capt.hardware``:
+# CPU, features, cores, CPU quota, CUDA devices, the python, torch and onnxruntime versions), the
+# settings (threads, providers, the candidates and why they apply, the environment variables that steer
+# the libraries' kernels and threads: ``KERNEL_ENV_PREFIXES``), the derived graphs' failure records, and
+# the source of the files whose code makes or times the choice (``CHOICE_SOURCES``), so that a change to
+# how choices are made invalidates every kept one. A later start with the same key serves the kept
 # engine after rechecking its safety now (top-1 agreement and batch invariance on the sample images, not
-# its speed): on ViT-B-32, 2 cores of the Xeon of model 167, measuring took 8.9 s for the threads and
-# 14.3 s for the engine at a start whose derived graphs were already made. ``CAPT_ENGINE_RETUNE=1``
-# measures again, and keeps what it measured. An explicit ``CAPT_ENGINE`` is tested at every start.
+# its speed): on ViT-B-32, 2 cores of the Xeon of model 167, 2026-12-03, a start whose derived graphs
+# were already made took 6.5-9.1 s measuring the threads and 13.7-14.8 s the engine, and a recalling
+# start 0.0 s and 3.9-5.3 s (``benchmarks.engine_startup``, two runs).
+# ``CAPT_ENGINE_RETUNE=1`` measures again, and keeps what it measured. An explicit ``CAPT_ENGINE`` is
+# tested at every start. Workers starting together take turns (a file lock): the first measures, the
+# others wait and recall, rather than all timing at once on the same cores.
 RETUNE_ENV = "CAPT_ENGINE_RETUNE"
 CHOICE_FORMAT = 1
+KERNEL_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "OMP_", "KMP_", "MKL_", "GOMP_", "ORT_")
+_REPO = Path(__file__).resolve().parent.parent
+CHOICE_SOURCES = ("serving/engine.py", "export/bundle.py", "export/onnx_export.py", "capt/hardware.py")
 
 
 def retune_requested() -> bool:
     return os.environ.get(RETUNE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _sources_digest() -> str:
+    digest = hashlib.sha256()
+    for name in CHOICE_SOURCES:
+        try:
+            digest.update((_REPO / name).read_bytes())
+        except OSError:  # installed without sources (bytecode only): the package version must do
+            from importlib import metadata
+            try:
+                digest.update(f"{name} of capt-server {metadata.version('capt-server')}".encode())
+            except metadata.PackageNotFoundError:
+                digest.update(f"{name} unreadable".encode())
+    return digest.hexdigest()
+
+
 def choice_key(kind: str, hardware: Hardware, **settings) -> dict:
     """What a ``kind`` measurement depended on, as JSON values (a kept record must match it exactly)."""
     machine = hardware.to_dict()
     machine.pop("why", None)  # prose about the machine, not a fact of it
-    key = {"kind": kind, "format": CHOICE_FORMAT, "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-           "machine": machine, **settings}
+    kernel_env = {name: value for name, value in os.environ.items() if name.startswith(KERNEL_ENV_PREFIXES)}
+    key = {"kind": kind, "format": CHOICE_FORMAT, "code": _sources_digest(), "machine": machine,
+           "environment": kernel_env, **settings}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
@@ -818,16 +845,17 @@ def _choice_path(key: dict) -> Path:
 
 def recall_choice(key: dict) -> dict | None:
     """The record (``value``, ``measured_at``, ``file``) that an earlier start kept for ``key``, or None:
-    none kept, ``CAPT_ENGINE_RETUNE`` set, or a file that is unreadable or holds another key."""
+    none kept, ``CAPT_ENGINE_RETUNE`` set, or no cache, or a file that is unreadable or holds another key."""
     if retune_requested():
         return None
-    path = _choice_path(key)
+    path = None
     try:
+        path = _choice_path(key)
         record = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as err:
-        logger.warning("engine cache: ignoring the unreadable choice record %s (%s)", path, err)
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with the cache, the choice is measured
+        logger.warning("engine cache: not recalling a measured choice from %s (%s: %s)", path, type(err).__name__, err)
         return None
     if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("value"), dict):
         return None
@@ -835,16 +863,57 @@ def recall_choice(key: dict) -> dict | None:
 
 
 def keep_choice(key: dict, value: dict) -> None:
-    """Keep ``value`` for ``key`` (atomically: a concurrent start reads a whole record or none)."""
-    path = _choice_path(key)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
+    """Keep ``value`` for ``key`` (atomically: a concurrent start reads a whole record or none). A cache
+    that cannot be written only costs the next start its measurement."""
+    partial = None
     try:
-        partial.write_text(json.dumps(record, indent=1, sort_keys=True, default=str) + "\n")
+        path = _choice_path(key)
+        record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
+        text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+        handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        partial = Path(name)
+        with os.fdopen(handle, "w") as f:
+            f.write(text)
+        os.chmod(partial, 0o644)  # as the graphs beside it (mkstemp makes it readable by its owner only)
         os.replace(partial, path)
-    except OSError as err:  # an unwritable cache only costs the next start its measurement
-        partial.unlink(missing_ok=True)
-        logger.info("engine cache: could not keep the measured choice in %s (%s)", path, err)
+    except Exception as err:  # noqa: BLE001
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        logger.info("engine cache: could not keep the measured choice (%s: %s)", type(err).__name__, err)
+
+
+@contextlib.contextmanager
+def _taking_turns(key: dict):
+    """An exclusive lock on the key's lock file for the time of a recall-or-measure: workers that start
+    together measure one at a time, and the later ones recall the first's choice. Without a lock (no
+    cache, no ``fcntl``), everyone goes on unlocked, as before."""
+    handle = None
+    try:
+        import fcntl
+        path = _choice_path(key).with_suffix(".lock")
+        handle = open(path, "a")
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except Exception as err:  # noqa: BLE001
+        logger.info("engine cache: measuring without a lock (%s: %s)", type(err).__name__, err)
+        if handle is not None:
+            handle.close()
+        handle = None
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # closing releases the lock
+
+
+def _failure_records(bundle) -> list[str]:
+    """The derived graphs' failure records of this bundle's graph (``_derived_graph``): deleting one to
+    retry must also retry the choice that was made while it stood."""
+    from export.bundle import IMAGE_ONNX
+    try:
+        digest = bundle.manifest["files"][IMAGE_ONNX][:16]
+        return sorted(p.name for p in cache_dir().glob(f"image_encoder-{digest}-*.failed"))
+    except Exception:  # noqa: BLE001
+        return []
 
 
 def _recalled_note(record: dict) -> str:
@@ -858,14 +927,16 @@ def remembered_ort_threads(graph: Path, graph_digest: str, image_size: int, hard
     started = time.perf_counter()
     key = choice_key("ort-threads", hardware, graph=graph_digest, image_size=image_size,
                      cores=hardware.compute_cores)
-    record = recall_choice(key)
-    if record is not None and isinstance(record["value"].get("used"), int) and record["value"]["used"] >= 1:
-        return {**record["value"], "seconds": round(time.perf_counter() - started, 3),
-                "recalled": {"measured_at": record["measured_at"], "file": record["file"],
-                             "seconds": record["value"].get("seconds")},
-                "reason": f"{record['value'].get('reason')} ({_recalled_note(record)})"}
-    report = choose_ort_threads(graph, image_size, hardware.compute_cores)[1]
-    keep_choice(key, report)
+    with _taking_turns(key):
+        record = recall_choice(key)
+        used = record["value"].get("used") if record else None
+        if type(used) is int and 1 <= used <= max(hardware.compute_cores, 1):
+            return {**record["value"], "seconds": round(time.perf_counter() - started, 3),
+                    "recalled": {"measured_at": record["measured_at"], "file": record["file"],
+                                 "seconds": record["value"].get("seconds")},
+                    "reason": f"{record['value'].get('reason')} ({_recalled_note(record)})"}
+        report = choose_ort_threads(graph, image_size, hardware.compute_cores)[1]
+        keep_choice(key, report)
     return report
 
 
@@ -886,18 +957,21 @@ def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",
     key = choice_key("engine", hardware, graph=bundle.manifest["files"][IMAGE_ONNX], ort_threads=bundle.ort_threads,
                      providers=list(providers) if providers else None,
                      candidates=[[c.name, c.applies, c.why] for c in pool.values()],
-                     samples=str(bundle.manifest.get("parity", {}).get("sample", "synthetic")))
-    record = recall_choice(key)
-    if record is not None:
-        try:
-            return _recalled_engine(bundle, pool, record, started)
-        except Exception as err:  # noqa: BLE001 - a kept choice that no longer holds is measured again
-            logger.warning("image encoder: the choice kept in %s no longer holds (%s: %s); measuring again",
-                           record["file"], type(err).__name__, err)
-    engine, report = choose_engine(bundle, hardware, "auto", providers, extra=extra)
-    if all(row.get("loaded", True) or str(row.get("error", "")).startswith("DerivedGraphFailed")
-           for row in report["candidates"]):
-        keep_choice(key, report)  # not a choice made while a path failed to load for a passing reason
+                     samples=str(bundle.manifest.get("parity", {}).get("sample", "synthetic")),
+                     failure_records=_failure_records(bundle))
+    with _taking_turns(key):
+        record = recall_choice(key)
+        if record is not None:
+            try:
+                return _recalled_engine(bundle, pool, record, started)
+            except Exception as err:  # noqa: BLE001 - a kept choice that no longer holds is measured again
+                logger.warning("image encoder: the choice kept in %s no longer holds (%s: %s); measuring again",
+                               record["file"], type(err).__name__, err)
+        engine, report = choose_engine(bundle, hardware, "auto", providers, extra=extra)
+        if not any(row.get("machine_error") for row in report["candidates"]):
+            # Not a choice made while a path failed for a passing reason of the machine (a full disk, a
+            # permission); a path that fails for what it is (no TensorRT libraries) fails the same next time.
+            keep_choice(key, report)
     return engine, report
 
 

@@ -4,6 +4,9 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub call would otherwise hang ~46 s before failing
 # The tests' own BentoML model store, set before bentoml is first imported (it reads this once).
 os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="capt-tests-bentoml-")
+# The tests' own engine cache (derived graphs, measured choices: serving/engine.py): choices measured
+# under a test run's load are not recalled by a user's server, nor by the next test run.
+os.environ["CAPT_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="capt-tests-engines-")
 
 import numpy as np
 import pytest

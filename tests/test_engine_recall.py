@@ -8,7 +8,7 @@ import pytest
 import serving.engine as engine_module
 from capt.hardware import Hardware
 from export.bundle import IMAGE_ONNX, load_bundle
-from serving.engine import (RETUNE_ENV, Candidate, TorchAutocastEngine, choice_key, keep_choice, recall_choice,
+from serving.engine import (FIXED_BATCHES, RETUNE_ENV, Candidate, TorchAutocastEngine, choice_key, keep_choice, recall_choice,
                             remembered_engine, remembered_ort_threads)
 from serving.model import Limits, ServingModel
 
@@ -141,13 +141,84 @@ def test_the_ort_threads_are_measured_once_per_graph_and_machine(default_bundle,
         remembered_ort_threads(graph, digest, 64, elsewhere)  # another CPU, as many cores: measured again
 
 
-def test_the_bf16_engine_is_built_with_its_recorded_chunk_size_untimed(bundle, monkeypatch):
+def _edit_record(cache, change):
+    (path,) = cache.glob("choice-engine-*.json")
+    record = json.loads(path.read_text())
+    change(record["value"])
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_a_kept_reduced_precision_engine_is_rechecked_before_it_serves(bundle, cache, monkeypatch):
+    _, measured = remembered_engine(bundle, AVX2)
+    assert next(r for r in measured["candidates"] if r["name"] == "onnx-int8")["batch_invariant"] is True
+    _edit_record(cache, lambda value: value.update(engine="onnx-int8"))  # whatever won, int8 was safe too
+    _no_timing(monkeypatch)
+    engine, report = remembered_engine(bundle, AVX2)
+    recheck = report["recalled"]["recheck"]
+    assert engine.name == "onnx-int8" and engine.max_batch == 1
+    assert recheck["top1_agreement"] >= 0.99 and recheck["batch_invariant"] is True
+    assert recheck["batch_max_abs_diff"] <= 1e-4 and recheck["images"] == measured["samples"]["images"] >= 8
+
+
+def test_a_kept_bf16_engine_runs_its_recorded_chunk_size_untimed(bundle, cache, measurements, monkeypatch):
+    _, measured = remembered_engine(bundle, ZEN5)  # native bf16 described: torch-bf16 is measured
+    row = next(r for r in measured["candidates"] if r["name"] == "torch-bf16")
+    assert row["loaded"] and row["fixed_batch"] in FIXED_BATCHES
+    _edit_record(cache, lambda value: value.update(engine="torch-bf16"))
+
     def refuse(*args, **kwargs):
         raise AssertionError("a recorded chunk size must not be timed again")
     monkeypatch.setattr(TorchAutocastEngine, "fastest_fixed_batch", refuse)
-    row = {"fixed_batch": 4, "fixed_batch_img_s": {"1": 10.0, "4": 30.0}, "fixed_batch_why": "measured"}
-    engine = next(c for c in engine_module.candidates(bundle, ZEN5) if c.name == "torch-bf16").build_as_recorded(row)
-    assert engine.fixed_batch == 4 and engine.details == row
+    engine, report = remembered_engine(bundle, ZEN5)
+    assert engine.name == "torch-bf16" and engine.fixed_batch == row["fixed_batch"] and "recalled" in report
+    assert engine.details["fixed_batch_img_s"] == row["fixed_batch_img_s"] and len(measurements) == 1
+    # A chunk size that no measurement could have chosen (an edited file) is not trusted: measured again.
+    monkeypatch.undo()
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(cache))
+    _edit_record(cache, lambda value: next(r for r in value["candidates"] if r["name"] == "torch-bf16")
+                 .update(fixed_batch=1_000_000))
+    assert "recalled" not in remembered_engine(bundle, ZEN5)[1]
+
+
+def test_a_choice_made_while_a_path_failed_for_the_machine_is_not_kept(bundle, cache):
+    def disk_full():
+        raise OSError(28, "No space left on device")
+
+    def no_libraries():
+        raise RuntimeError("the TensorRT provider fell back to CUDA")
+    remembered_engine(bundle, AVX2, extra=[Candidate("full-disk", True, "test", disk_full)])
+    assert not list(cache.glob("choice-engine-*.json"))  # a passing condition: the next start measures
+    remembered_engine(bundle, AVX2, extra=[Candidate("no-libraries", True, "test", no_libraries)])
+    assert len(list(cache.glob("choice-engine-*.json"))) == 1  # fails the same way next time: kept
+
+
+def test_deleting_a_derived_graphs_failure_record_measures_the_choice_again(bundle, cache, measurements):
+    from export.bundle import IMAGE_ONNX
+    failed = cache / f"image_encoder-{bundle.manifest['files'][IMAGE_ONNX][:16]}-int8-test.onnx.ort-0.failed"
+    failed.write_text("making the int8 graph failed: a test\n")
+    remembered_engine(bundle, AVX2)
+    assert "recalled" in remembered_engine(bundle, AVX2)[1] and len(measurements) == 1
+    failed.unlink()  # "delete it to retry": the choice made while it stood is not recalled
+    assert "recalled" not in remembered_engine(bundle, AVX2)[1] and len(measurements) == 2
+
+
+def test_an_unusable_cache_costs_the_recall_not_the_start(default_bundle, bundle, cache, monkeypatch):
+    def no_cache():
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(engine_module, "cache_dir", no_cache)
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    report = remembered_ort_threads(default_bundle / IMAGE_ONNX, manifest["files"][IMAGE_ONNX], 64, AVX2)
+    assert report["used"] >= 1 and "recalled" not in report
+    engine, report = remembered_engine(bundle, AVX2)  # int8 cannot be made without a cache: reported, not fatal
+    assert engine.name in ("onnx-fp32", "onnx-int8") and "recalled" not in report
+
+
+def test_a_kernel_setting_in_the_environment_is_part_of_the_key(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    plain = choice_key("engine", AVX2, graph="x")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # e.g. AMX turned off for torch's bf16 kernels
+    assert choice_key("engine", AVX2, graph="x") != plain
 
 
 def test_a_restarted_server_recalls_its_threads_and_engine(default_bundle, cache):
@@ -159,3 +230,36 @@ def test_a_restarted_server_recalls_its_threads_and_engine(default_bundle, cache
     assert "recalled" not in first.ort_threads_report and "recalled" in second.ort_threads_report
     info = second.info()
     assert info["image_engine"]["recalled"]["file"] == second.engine_report["recalled"]["file"]
+
+
+def test_workers_starting_together_take_turns_the_first_measures_the_others_recall(default_bundle, cache, monkeypatch):
+    import threading
+    import time
+    manifest = json.loads((default_bundle / "manifest.json").read_text())
+    real, calls = engine_module.choose_ort_threads, []
+
+    def slow_measurement(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.5)  # long enough that, unlocked, the other worker would find nothing kept and measure too
+        return real(*args, **kwargs)
+    monkeypatch.setattr(engine_module, "choose_ort_threads", slow_measurement)
+    reports = {}
+
+    def start(name):
+        reports[name] = remembered_ort_threads(default_bundle / IMAGE_ONNX, manifest["files"][IMAGE_ONNX], 64, AVX2)
+    workers = [threading.Thread(target=start, args=(f"worker-{i}",), name=f"worker-{i}") for i in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    assert len(calls) == 1 and sorted("recalled" in r for r in reports.values()) == [False, True]
+    assert len({r["used"] for r in reports.values()}) == 1
+
+
+def test_threads_of_one_process_find_the_same_cache(cache):
+    """Its write probe once had one name per process: two threads probing at once raced, and one fell
+    back to the temporary folder (another lock, other records)."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(8) as pool:
+        found = set(pool.map(lambda _: engine_module.cache_dir(), range(400)))
+    assert found == {cache}
