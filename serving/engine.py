@@ -285,6 +285,39 @@ def sweep_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) ->
     return deleted
 
 
+UNUSED_S = 30 * 86400.0  # a derived graph, failure record or kept choice no start has used for 30 days
+UNUSED_PATTERNS = ("image_encoder-*.onnx", "image_encoder-*.failed", "choice-*.json", "choice-*.lock")
+
+
+def mark_used(path: Path) -> None:
+    """Set ``path``'s modification time to now: it was used, so :func:`sweep_unused` keeps it."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache is never swept either
+
+
+def sweep_unused(folder: Path, older_than_s: float = UNUSED_S) -> list[Path]:
+    """Delete what no start has used for ``older_than_s`` (30 days): derived graphs of bundles no longer
+    served (350 MB each for ViT-B-32), their failure records, and choices kept under keys that no longer
+    occur (another version of the code or the libraries, another graph). Every use marks a file
+    (:func:`mark_used`), so a file that is deleted is one no start has needed for that long; a server
+    still running from it has its graph loaded, and its next start makes it again. Returns what was deleted."""
+    deleted, now = [], time.time()
+    for pattern in UNUSED_PATTERNS:
+        for path in folder.glob(pattern):
+            try:
+                if path.is_file() and now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    deleted.append(path)
+            except OSError:
+                continue
+    if deleted:
+        logger.info("engine cache: deleted %d file(s) unused for %.0f days in %s", len(deleted),
+                    older_than_s / 86400, folder)
+    return deleted
+
+
 def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Path:
     """The ``kind`` graph derived from the bundle's image graph by ``make(source, target)``, made once
     and cached by the source's sha256. A ``make`` that raises is recorded in ``<target>.failed`` (keyed
@@ -300,6 +333,7 @@ def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Pat
     failure = target.with_name(f"{target.name}.ort-{onnxruntime.__version__}.failed")
     sweep_stale_partials(target.parent)
     if failure.is_file():
+        mark_used(failure)
         raise DerivedGraphFailed(f"{failure.read_text().strip()} (recorded at an earlier start in {failure}; "
                                  "delete it to retry)")
     if not target.is_file():
@@ -320,6 +354,7 @@ def _derived_graph(bundle, kind: str, make: Callable[[Path, Path], None]) -> Pat
             raise DerivedGraphFailed(message) from err
         finally:
             partial.unlink(missing_ok=True)
+    mark_used(target)
     return target
 
 
@@ -859,6 +894,7 @@ def recall_choice(key: dict) -> dict | None:
         return None
     if not isinstance(record, dict) or record.get("key") != key or not isinstance(record.get("value"), dict):
         return None
+    mark_used(path)
     return {"value": record["value"], "measured_at": str(record.get("measured_at")), "file": str(path)}
 
 
@@ -883,16 +919,19 @@ def keep_choice(key: dict, value: dict) -> None:
 
 
 @contextlib.contextmanager
-def _taking_turns(key: dict):
+def _taking_turns(key: dict, sweep: bool = False):
     """An exclusive lock on the key's lock file for the time of a recall-or-measure: workers that start
     together measure one at a time, and the later ones recall the first's choice. Without a lock (no
-    cache, no ``fcntl``), everyone goes on unlocked, as before."""
+    cache, no ``fcntl``), everyone goes on unlocked, as before. With ``sweep``, at the end, what no
+    start has used for 30 days is swept from the cache (:func:`sweep_unused`): the engine's choice
+    sweeps, the last step of a start to use the cache, once its graphs and records are marked."""
     handle = None
     try:
         import fcntl
         path = _choice_path(key).with_suffix(".lock")
         handle = open(path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
+        mark_used(path)
     except Exception as err:  # noqa: BLE001
         logger.info("engine cache: measuring without a lock (%s: %s)", type(err).__name__, err)
         if handle is not None:
@@ -901,7 +940,8 @@ def _taking_turns(key: dict):
     try:
         yield
     finally:
-        if handle is not None:
+        if handle is not None and sweep:
+            sweep_unused(Path(handle.name).parent)  # after this start marked what it used
             handle.close()  # closing releases the lock
 
 
@@ -959,7 +999,7 @@ def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",
                      candidates=[[c.name, c.applies, c.why] for c in pool.values()],
                      samples=str(bundle.manifest.get("parity", {}).get("sample", "synthetic")),
                      failure_records=_failure_records(bundle))
-    with _taking_turns(key):
+    with _taking_turns(key, sweep=True):
         record = recall_choice(key)
         if record is not None:
             try:

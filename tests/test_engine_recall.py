@@ -263,3 +263,24 @@ def test_threads_of_one_process_find_the_same_cache(cache):
     with ThreadPoolExecutor(8) as pool:
         found = set(pool.map(lambda _: engine_module.cache_dir(), range(400)))
     assert found == {cache}
+
+
+def test_what_no_start_used_for_30_days_is_swept_and_what_a_start_uses_is_marked(bundle, cache):
+    import os
+    import time
+    remembered_engine(bundle, AVX2)  # a kept choice (and its lock), and int8's graph where it was tried
+    (record,) = cache.glob("choice-engine-*.json")
+    unused = [cache / "image_encoder-0123456789abcdef-int8-unannotated.onnx",  # a bundle no longer served
+              cache / "image_encoder-0123456789abcdef-int8.onnx.ort-1.0.failed",
+              cache / "choice-engine-0123456789abcdef.json", cache / "choice-engine-0123456789abcdef.lock"]
+    recent = cache / "image_encoder-fedcba9876543210-int8-unannotated.onnx"
+    for path in (*unused, recent):
+        path.write_bytes(b"x")
+    month_ago, week_ago = time.time() - 31 * 86400, time.time() - 7 * 86400
+    for path in unused:
+        os.utime(path, (month_ago, month_ago))
+    os.utime(recent, (week_ago, week_ago))
+    os.utime(record, (month_ago, month_ago))  # kept long ago, but the next start recalls it
+    assert "recalled" in remembered_engine(bundle, AVX2)[1]
+    assert not any(path.exists() for path in unused) and recent.exists()
+    assert record.exists() and time.time() - record.stat().st_mtime < 3600  # marked as used
