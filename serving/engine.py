@@ -265,23 +265,32 @@ class DerivedGraphFailed(RuntimeError):
 
 
 STALE_PARTIAL_S = 3600.0  # no derived graph takes an hour to make; a partial file that old is a killed start's
+STALE_PARTIAL_PATTERNS = (".image_encoder-*", ".choice-*.partial")  # work files: graphs, kept choices
 
 
 def sweep_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) -> list[Path]:
     """Delete the hidden work files (``.image_encoder-*``: partial graphs, the int8 recipe's unannotated
-    copy, the quantiser's inferred sibling) that a start killed while making a graph left in ``folder``,
+    copy, the quantiser's inferred sibling; ``.choice-*.partial``: a kept choice being written) that a
+    start killed while making a graph or keeping a choice left in ``folder``,
     once ``older_than_s`` old: for ViT-B-32 each is a full-size copy of its 350 MB graph. Files of a start
     still at work are younger and stay. Returns what was deleted."""
-    deleted, now = [], time.time()
-    for path in folder.glob(".image_encoder-*"):
-        try:
-            if path.is_file() and now - path.stat().st_mtime > older_than_s:
-                path.unlink()
-                deleted.append(path)
-        except OSError:
-            continue  # another start deleted it, or the cache is read-only: nothing to do
+    deleted = _delete_older(folder, STALE_PARTIAL_PATTERNS, older_than_s)
     if deleted:
         logger.info("engine cache: deleted %d stale partial file(s) in %s", len(deleted), folder)
+    return deleted
+
+
+def _delete_older(folder: Path, patterns: Sequence[str], older_than_s: float) -> list[Path]:
+    """Delete the files of ``folder`` matching ``patterns`` last modified over ``older_than_s`` ago."""
+    deleted, now = [], time.time()
+    for pattern in patterns:
+        for path in folder.glob(pattern):
+            try:
+                if path.is_file() and now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    deleted.append(path)
+            except OSError:
+                continue  # another start deleted it, or the cache is read-only: nothing to do
     return deleted
 
 
@@ -303,15 +312,7 @@ def sweep_unused(folder: Path, older_than_s: float = UNUSED_S) -> list[Path]:
     occur (another version of the code or the libraries, another graph). Every use marks a file
     (:func:`mark_used`), so a file that is deleted is one no start has needed for that long; a server
     still running from it has its graph loaded, and its next start makes it again. Returns what was deleted."""
-    deleted, now = [], time.time()
-    for pattern in UNUSED_PATTERNS:
-        for path in folder.glob(pattern):
-            try:
-                if path.is_file() and now - path.stat().st_mtime > older_than_s:
-                    path.unlink()
-                    deleted.append(path)
-            except OSError:
-                continue
+    deleted = _delete_older(folder, UNUSED_PATTERNS, older_than_s)
     if deleted:
         logger.info("engine cache: deleted %d file(s) unused for %.0f days in %s", len(deleted),
                     older_than_s / 86400, folder)

@@ -336,13 +336,15 @@ def test_partial_files_a_killed_start_left_are_swept_at_the_next_one(bundle, tmp
     old = tmp_path / ".image_encoder-0123456789abcdef-int8-unannotated.onnx.999.partial.unannotated.onnx"
     fresh = tmp_path / ".image_encoder-0123456789abcdef-int8-unannotated.onnx.998.partial"
     kept = tmp_path / "image_encoder-0123456789abcdef-int8-unannotated.onnx"  # a finished graph, however old
-    for path in (old, fresh, kept):
+    old_choice = tmp_path / ".choice-engine-0123456789abcdef.json.abc123.partial"  # a kept choice being written
+    for path in (old, fresh, kept, old_choice):
         path.write_bytes(b"x")
     two_hours_ago = time.time() - 7200
-    for path in (old, kept):
+    for path in (old, kept, old_choice):
         os.utime(path, (two_hours_ago, two_hours_ago))
     _derived_graph(bundle, "copy", lambda source, target: target.write_bytes(source.read_bytes()))
     assert not old.exists() and fresh.exists() and kept.exists()
+    assert not old_choice.exists()
 
 
 def _bf16_engine(bundle, fixed_batch):
