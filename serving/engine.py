@@ -941,8 +941,9 @@ def _taking_turns(key: dict, sweep: bool = False):
     try:
         yield
     finally:
-        if handle is not None and sweep:
-            sweep_unused(Path(handle.name).parent)  # after this start marked what it used
+        if handle is not None:
+            if sweep:
+                sweep_unused(Path(handle.name).parent)  # after this start marked what it used
             handle.close()  # closing releases the lock
 
 

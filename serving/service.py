@@ -43,6 +43,10 @@ from .middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
 
 logger = logging.getLogger("capt.serving")
+# What a start chose and did (the image engine and why, a kept choice recalled, the engine cache swept)
+# is logged at INFO, as BentoML's own start-up lines are; the root logger would show warnings only.
+# Nothing is logged at INFO per request.
+logging.getLogger("capt").setLevel(logging.INFO)
 # Read where the module is imported: an empty key or key file stops `bentoml serve` at start.
 API_KEYS = load_api_keys()
 CLASSIFY_THREADS = 16  # as many as the sync endpoints' pool (threads=16 below)
@@ -122,7 +126,7 @@ class Classifier:
         # /classify's work on threads (large uploads, label sets not cached) has threads of its own: on anyio's
         # default pool it would compete with BentoML's /livez, /readyz and /metrics.
         self.classify_threads = anyio.CapacityLimiter(CLASSIFY_THREADS)
-        logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see (capt logs warnings)
+        logger.warning(describe_api_keys(API_KEYS))  # on or off: a line an operator must see
         freeze_startup_heap()  # last: what start-up made is never garbage (serving/heap.py)
 
     def __is_ready__(self) -> bool:
