@@ -25,10 +25,18 @@ def main() -> None:
             result = run_worker("engines", "auto", {"bundle": str(bundle), "remember": True},
                                 env={"CAPT_ENGINE_CACHE": cache, RETUNE_ENV: retune})
             int8 = next(row for row in result["report"]["candidates"] if row["name"] == "onnx-int8")
+            report = result["report"]
+            # Where the engine's time went: a measuring start's phases and each candidate's load and
+            # self-test, or a recalling start's recheck.
+            phases = ({key: value for key, value in report["recalled"]["recheck"].items() if key.endswith("seconds")}
+                      if "recalled" in report else
+                      {**report.get("phases_seconds", {}),
+                       **{row["name"]: {"load": row.get("load_seconds"), "test": row.get("test_seconds")}
+                          for row in report["candidates"] if row.get("loaded")}})
             print(start, json.dumps({"engine": result["engine"], "seconds": result["seconds"],
                                      "threads_seconds": result["ort_threads_report"]["seconds"],
-                                     "engine_seconds": result["report"]["seconds"],
-                                     "recalled": "recalled" in result["report"],
+                                     "engine_seconds": report["seconds"], "engine_phases_seconds": phases,
+                                     "recalled": "recalled" in report,
                                      "onnx-int8": int8.get("verdict", "")[:160]}))
         print("cache:", sorted(p.name for p in Path(cache).iterdir()))
 

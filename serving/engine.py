@@ -265,7 +265,8 @@ class DerivedGraphFailed(RuntimeError):
 
 
 STALE_PARTIAL_S = 3600.0  # no derived graph takes an hour to make; a partial file that old is a killed start's
-STALE_PARTIAL_PATTERNS = (".image_encoder-*", ".choice-*.partial")  # work files: graphs, kept choices
+STALE_PARTIAL_PATTERNS = (".image_encoder-*", ".choice-*.partial", ".text-*.partial")  # work files: graphs, kept
+# choices, the self-test's class embeddings
 
 
 def sweep_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) -> list[Path]:
@@ -295,7 +296,7 @@ def _delete_older(folder: Path, patterns: Sequence[str], older_than_s: float) ->
 
 
 UNUSED_S = 30 * 86400.0  # a derived graph, failure record or kept choice no start has used for 30 days
-UNUSED_PATTERNS = ("image_encoder-*.onnx", "image_encoder-*.failed", "choice-*.json", "choice-*.lock")
+UNUSED_PATTERNS = ("image_encoder-*.onnx", "image_encoder-*.failed", "choice-*.json", "choice-*.lock", "text-*.npy")
 
 
 def mark_used(path: Path) -> None:
@@ -569,9 +570,35 @@ def sample_set(bundle, count: int = DEFAULT_SAMPLES) -> tuple[np.ndarray, np.nda
         generator = torch.Generator().manual_seed(0)
         coarse = torch.rand(count, 3, 4, 4, generator=generator)
         pixels = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic").clamp(0, 1).numpy()
-    tokens = twin.tokenize(self_test_labels(manifest["labels"]))
-    text = bundle.text_session.run(None, {"tokens": tokens.numpy()})[0]
+    text = sample_class_embeddings(bundle, self_test_labels(manifest["labels"]))
     return np.ascontiguousarray(pixels, dtype=np.float32), text, name
+
+
+def sample_class_embeddings(bundle, labels: Sequence[str]) -> np.ndarray:
+    """The text graph's embeddings of ``labels`` (the self-test's classes), kept in the engine cache as
+    ``.npy`` (read without pickle) and keyed by the sha256 of every bundle file and the labels: computed
+    once per bundle, not at every start (ViT-B-32's text encoder took 2.0 s for 64 labels on 2 cores of
+    the Xeon of model 167). A kept file that is unreadable or not the right shape is computed anew."""
+    key = json.dumps({"format": CHOICE_FORMAT, "files": bundle.manifest["files"], "labels": list(labels)},
+                     sort_keys=True)
+    path = None
+    with contextlib.suppress(Exception):
+        path = cache_dir() / f"text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
+    if path is not None and path.exists():
+        try:
+            kept = np.load(path, allow_pickle=False)
+            if kept.dtype == np.float32 and kept.ndim == 2 and len(kept) == len(labels) and np.isfinite(kept).all():
+                mark_used(path)
+                return kept
+            logger.warning("engine cache: %s is not %d finite float32 embeddings; computing them again", path,
+                           len(labels))
+        except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the embeddings are computed
+            logger.warning("engine cache: could not read %s (%s: %s); computing it again", path, type(err).__name__, err)
+    tokens = bundle.twin.tokenize(list(labels))
+    text = np.ascontiguousarray(bundle.text_session.run(None, {"tokens": tokens.numpy()})[0], dtype=np.float32)
+    if path is not None:
+        _write_atomically(path, lambda f: np.save(f, text, allow_pickle=False))
+    return text
 
 
 # The self-test's top-1 agreement is measured over at most this many of the manifest's labels: their text
@@ -726,10 +753,14 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
                                         "loaded": True, "verdict": "chosen (only candidate)"}, *rows],
                         "seconds": round(time.perf_counter() - started, 3)}
 
+    phase_started = time.perf_counter()
     reference_engine = reference_candidate.build()
+    phases = {"reference_load": round(time.perf_counter() - phase_started, 3)}
     # The sample batch is sized so that every candidate's test fits the budget: the reference's time per
     # image (batch 2, after a warm-up) sets it, between MIN_SAMPLES and sample_count images.
+    phase_started = time.perf_counter()
     all_samples, text, sample_name = sample_set(bundle, sample_count)
+    phases["samples"] = round(time.perf_counter() - phase_started, 3)
     reference_engine.encode(all_samples[:2])
     per_image = _best_time(lambda: reference_engine.encode(all_samples[:2]), 0.0, minimum=3) / 2
     per_candidate = budget_s / (len(tried) + 1)
@@ -737,9 +768,10 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
     samples = all_samples[:count]
     measured: dict[str, dict] = {}
     engines: dict[str, ImageEngine] = {}
+    phase_started = time.perf_counter()
     ref_result, reference = self_test(reference_engine, samples, text, None, per_candidate)
     measured[REFERENCE] = {"name": REFERENCE, "applies": True, "why": reference_candidate.why, "loaded": True,
-                           **ref_result}
+                           **ref_result, "test_seconds": round(time.perf_counter() - phase_started, 3)}
     engines[REFERENCE] = reference_engine
     for candidate in tried:
         row = {"name": candidate.name, "applies": candidate.applies, "why": candidate.why}
@@ -748,8 +780,9 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
             engine = candidate.build()
             row["load_seconds"] = round(time.perf_counter() - load_started, 3)
             row.update(getattr(engine, "details", None) or {})  # e.g. torch-bf16's fixed chunk size
+            test_started = time.perf_counter()
             result, _ = self_test(engine, samples, text, reference, per_candidate)
-            row.update(loaded=True, **result)
+            row.update(loaded=True, **result, test_seconds=round(time.perf_counter() - test_started, 3))
             engines[candidate.name] = engine
         except Exception as err:  # noqa: BLE001 - a candidate that cannot run is reported, not fatal (auto)
             row.update(loaded=False, error=f"{type(err).__name__}: {err}"[:300], machine_error=isinstance(err, OSError))
@@ -820,7 +853,8 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
               "batch_invariant": bool(measured[chosen]["batch_invariant"]), "warning": warning,
               "min_agreement": MIN_AGREEMENT, "min_gain": MIN_GAIN, "max_batch_diff": MAX_BATCH_DIFF,
               "samples": {"images": count, "source": sample_name},
-              "candidates": [*measured.values(), *rows], "seconds": round(time.perf_counter() - started, 3)}
+              "candidates": [*measured.values(), *rows], "phases_seconds": phases,
+              "seconds": round(time.perf_counter() - started, 3)}
     return engines[chosen], report
 
 
@@ -835,7 +869,8 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
 # engine after rechecking its safety now (top-1 agreement and batch invariance on the sample images, not
 # its speed): on ViT-B-32, 2 cores of the Xeon of model 167, 2026-12-03, a start whose derived graphs
 # were already made took 6.5-9.1 s measuring the threads and 13.7-14.8 s the engine, and a recalling
-# start 0.0 s and 3.9-5.3 s (``benchmarks.engine_startup``, two runs).
+# start 0.0 s and 3.9-5.3 s (``benchmarks.engine_startup``, two runs); 1.4 s once the self-test's class
+# embeddings were kept too (:func:`sample_class_embeddings`, one run).
 # ``CAPT_ENGINE_RETUNE=1`` measures again, and keeps what it measured. An explicit ``CAPT_ENGINE`` is
 # tested at every start. Workers starting together take turns (a file lock): the first measures, the
 # others wait and recall, rather than all timing at once on the same cores.
@@ -902,21 +937,34 @@ def recall_choice(key: dict) -> dict | None:
 def keep_choice(key: dict, value: dict) -> None:
     """Keep ``value`` for ``key`` (atomically: a concurrent start reads a whole record or none). A cache
     that cannot be written only costs the next start its measurement."""
-    partial = None
     try:
         path = _choice_path(key)
-        record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
-        text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+    except Exception as err:  # noqa: BLE001
+        logger.info("engine cache: could not keep the measured choice (%s: %s)", type(err).__name__, err)
+        return
+    record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
+    text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
+    _write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def _write_atomically(path: Path, write: Callable) -> bool:
+    """``write(binary file)`` into a hidden ``.<name>.*.partial`` beside ``path``, then renamed onto it: a
+    concurrent start reads a whole file or none. A cache that cannot be written is logged, not raised
+    (it only costs the next start its work). Returns whether ``path`` was written."""
+    partial = None
+    try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
         partial = Path(name)
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        with os.fdopen(handle, "wb") as f:
+            write(f)
         os.chmod(partial, 0o644)  # as the graphs beside it (mkstemp makes it readable by its owner only)
         os.replace(partial, path)
+        return True
     except Exception as err:  # noqa: BLE001
         if partial is not None:
             partial.unlink(missing_ok=True)
-        logger.info("engine cache: could not keep the measured choice (%s: %s)", type(err).__name__, err)
+        logger.info("engine cache: could not write %s (%s: %s)", path.name, type(err).__name__, err)
+        return False
 
 
 @contextlib.contextmanager
@@ -1022,13 +1070,20 @@ def _recalled_engine(bundle, pool: dict[str, Candidate], record: dict, started: 
     chosen = report["engine"]
     row = next(r for r in report["candidates"] if r["name"] == chosen)
     candidate = pool[chosen]
+    phase_started = time.perf_counter()
     engine = candidate.build_as_recorded(row) if candidate.build_as_recorded else candidate.build()
-    recheck: dict = {}
+    recheck: dict = {"build_seconds": round(time.perf_counter() - phase_started, 3)}
     if chosen != REFERENCE:  # the exported fp32 graph is the reference: nothing to recheck
         count = int(report["samples"]["images"])
+        phase_started = time.perf_counter()
         samples, text, _ = sample_set(bundle, count)
+        recheck["samples_seconds"] = round(time.perf_counter() - phase_started, 3)
+        phase_started = time.perf_counter()
         reference = _embeddings(pool[REFERENCE].build(), samples)
-        recheck = {"images": count, **safety(engine, samples, _embeddings(engine, samples), text, reference)}
+        recheck["reference_seconds"] = round(time.perf_counter() - phase_started, 3)
+        phase_started = time.perf_counter()
+        recheck.update(images=count, **safety(engine, samples, _embeddings(engine, samples), text, reference))
+        recheck["safety_seconds"] = round(time.perf_counter() - phase_started, 3)
         if recheck["top1_agreement"] < MIN_AGREEMENT:
             raise EngineError(f"{chosen}: top-1 agreement with fp32 {recheck['top1_agreement']:.2%} < {MIN_AGREEMENT:.0%}")
         if not recheck["batch_invariant"]:

@@ -337,14 +337,15 @@ def test_partial_files_a_killed_start_left_are_swept_at_the_next_one(bundle, tmp
     fresh = tmp_path / ".image_encoder-0123456789abcdef-int8-unannotated.onnx.998.partial"
     kept = tmp_path / "image_encoder-0123456789abcdef-int8-unannotated.onnx"  # a finished graph, however old
     old_choice = tmp_path / ".choice-engine-0123456789abcdef.json.abc123.partial"  # a kept choice being written
-    for path in (old, fresh, kept, old_choice):
+    old_text = tmp_path / ".text-0123456789abcdef.npy.abc123.partial"  # class embeddings being written
+    for path in (old, fresh, kept, old_choice, old_text):
         path.write_bytes(b"x")
     two_hours_ago = time.time() - 7200
-    for path in (old, kept, old_choice):
+    for path in (old, kept, old_choice, old_text):
         os.utime(path, (two_hours_ago, two_hours_ago))
     _derived_graph(bundle, "copy", lambda source, target: target.write_bytes(source.read_bytes()))
     assert not old.exists() and fresh.exists() and kept.exists()
-    assert not old_choice.exists()
+    assert not old_choice.exists() and not old_text.exists()
 
 
 def _bf16_engine(bundle, fixed_batch):

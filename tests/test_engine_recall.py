@@ -272,7 +272,8 @@ def test_what_no_start_used_for_30_days_is_swept_and_what_a_start_uses_is_marked
     (record,) = cache.glob("choice-engine-*.json")
     unused = [cache / "image_encoder-0123456789abcdef-int8-unannotated.onnx",  # a bundle no longer served
               cache / "image_encoder-0123456789abcdef-int8.onnx.ort-1.0.failed",
-              cache / "choice-engine-0123456789abcdef.json", cache / "choice-engine-0123456789abcdef.lock"]
+              cache / "choice-engine-0123456789abcdef.json", cache / "choice-engine-0123456789abcdef.lock",
+              cache / "text-0123456789abcdef.npy"]
     recent = cache / "image_encoder-fedcba9876543210-int8-unannotated.onnx"
     for path in (*unused, recent):
         path.write_bytes(b"x")
@@ -284,3 +285,54 @@ def test_what_no_start_used_for_30_days_is_swept_and_what_a_start_uses_is_marked
     assert "recalled" in remembered_engine(bundle, AVX2)[1]
     assert not any(path.exists() for path in unused) and recent.exists()
     assert record.exists() and time.time() - record.stat().st_mtime < 3600  # marked as used
+    (text,) = cache.glob("text-*.npy")  # the recheck's class embeddings, marked as they are read
+    assert time.time() - text.stat().st_mtime < 3600
+
+
+class _CountingSession:
+    """The bundle's text session, counting its runs."""
+
+    def __init__(self, session):
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_the_self_tests_class_embeddings_are_computed_once_per_bundle_and_labels(bundle, cache, monkeypatch):
+    from serving.engine import sample_class_embeddings
+    counting = _CountingSession(bundle.text_session)
+    monkeypatch.setattr(bundle, "text_session", counting)
+    labels = ["a red circle", "a blue star", "a green square"]
+    first = sample_class_embeddings(bundle, labels)
+    second = sample_class_embeddings(bundle, labels)
+    assert counting.runs == 1 and np.array_equal(first, second) and first.shape[0] == 3
+    (kept,) = cache.glob("text-*.npy")
+    direct = bundle.text_session.session.run(None, {"tokens": bundle.twin.tokenize(labels).numpy()})[0]
+    assert np.array_equal(second, direct)
+    other = sample_class_embeddings(bundle, labels[:2])  # other labels: another file
+    assert counting.runs == 2 and other.shape[0] == 2 and len(list(cache.glob("text-*.npy"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong shape", "pickled objects", "not finite"])
+def test_a_damaged_kept_class_embedding_file_is_computed_again_never_unpickled(bundle, cache, monkeypatch, damage):
+    from serving.engine import sample_class_embeddings
+    labels = ["a red circle", "a blue star", "a green square"]
+    good = sample_class_embeddings(bundle, labels)
+    (kept,) = cache.glob("text-*.npy")
+    if damage == "garbage":
+        kept.write_bytes(b"\x93NUMPY not really")
+    elif damage == "wrong shape":
+        np.save(kept, good[:2])
+    elif damage == "pickled objects":
+        import pickle
+        monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("a kept file was unpickled"))
+        np.save(kept, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    else:
+        np.save(kept, np.full_like(good, np.nan))
+    counting = _CountingSession(bundle.text_session)
+    monkeypatch.setattr(bundle, "text_session", counting)
+    again = sample_class_embeddings(bundle, labels)
+    assert counting.runs == 1 and np.array_equal(again, good)
+    assert np.array_equal(np.load(kept, allow_pickle=False), good)  # and kept again, whole
