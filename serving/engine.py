@@ -878,7 +878,9 @@ RETUNE_ENV = "CAPT_ENGINE_RETUNE"
 CHOICE_FORMAT = 1
 KERNEL_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "OMP_", "KMP_", "MKL_", "GOMP_", "ORT_")
 _REPO = Path(__file__).resolve().parent.parent
-CHOICE_SOURCES = ("serving/engine.py", "export/bundle.py", "export/onnx_export.py", "capt/hardware.py")
+# serving/model.py: the probe's timed attack step (ServingModel._probe_precision)
+CHOICE_SOURCES = ("serving/engine.py", "export/bundle.py", "export/onnx_export.py", "capt/hardware.py",
+                  "serving/model.py")
 
 
 def retune_requested() -> bool:
@@ -1011,23 +1013,35 @@ def _recalled_note(record: dict) -> str:
             f"{RETUNE_ENV}=1 measures again")
 
 
+def remembered(key: dict, measure: Callable[[], dict], usable: Callable[[dict], bool]) -> dict:
+    """``measure()``'s report (a JSON-able dict with a ``reason``), measured once per ``key``
+    (:func:`choice_key`) and recalled by later starts while ``usable(kept report)`` holds; workers
+    starting together take turns. A recalled report gains ``recalled`` (when it was measured, the file,
+    the measurement's own ``seconds``) and says so in its ``reason``; ``seconds`` is this start's."""
+    started = time.perf_counter()
+    with _taking_turns(key):
+        record = recall_choice(key)
+        if record is not None and usable(record["value"]):
+            value = record["value"]
+            return {**value, "seconds": round(time.perf_counter() - started, 3),
+                    "recalled": {"measured_at": record["measured_at"], "file": record["file"],
+                                 "seconds": value.get("seconds")},
+                    "reason": f"{value.get('reason')} ({_recalled_note(record)})"}
+        report = measure()
+        keep_choice(key, report)
+    return report
+
+
 def remembered_ort_threads(graph: Path, graph_digest: str, image_size: int, hardware: Hardware) -> dict:
     """:func:`choose_ort_threads`'s report for ``graph`` on this machine, measured once and recalled by
     later starts (``recalled`` in the report says when it was measured)."""
-    started = time.perf_counter()
     key = choice_key("ort-threads", hardware, graph=graph_digest, image_size=image_size,
                      cores=hardware.compute_cores)
-    with _taking_turns(key):
-        record = recall_choice(key)
-        used = record["value"].get("used") if record else None
-        if type(used) is int and 1 <= used <= max(hardware.compute_cores, 1):
-            return {**record["value"], "seconds": round(time.perf_counter() - started, 3),
-                    "recalled": {"measured_at": record["measured_at"], "file": record["file"],
-                                 "seconds": record["value"].get("seconds")},
-                    "reason": f"{record['value'].get('reason')} ({_recalled_note(record)})"}
-        report = choose_ort_threads(graph, image_size, hardware.compute_cores)[1]
-        keep_choice(key, report)
-    return report
+
+    def usable(report: dict) -> bool:
+        used = report.get("used")
+        return type(used) is int and 1 <= used <= max(hardware.compute_cores, 1)
+    return remembered(key, lambda: choose_ort_threads(graph, image_size, hardware.compute_cores)[1], usable)
 
 
 def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",

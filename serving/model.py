@@ -3,6 +3,7 @@ classification with ONNX Runtime, and the robustness probe (APGD or PGD, judged 
 the same prompted model."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import numbers
@@ -29,7 +30,8 @@ from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, veri
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
-from .engine import REFERENCE, TorchAutocastEngine, reduced_copy, remembered_engine, remembered_ort_threads
+from .engine import (REFERENCE, TorchAutocastEngine, choice_key, reduced_copy, remembered, remembered_engine,
+                     remembered_ort_threads)
 from .errors import Busy, ImageRejected, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -300,25 +302,38 @@ class ServingModel:
         copy with its weights in that precision (the torch engine's own where it serves), so that autocast
         casts no weight at every step. ``auto`` where the machine offers a reduced precision is timed on
         one attack step (forward and backward to the pixels, batch 1, as a probe runs) each way."""
+        self.probe_precision_report: dict = {}  # auto's timing, where it was timed (or recalled)
         precision = (offered_precision("cpu", self.hardware) if requested == "auto"
                      else resolve_precision(requested, "cpu", self.hardware))
         if precision == "fp32":
             why = f"CAPT_PROBE_PRECISION={requested}" if requested != "auto" else precision_reason("cpu", self.hardware)
             return precision, why, self.torch_model
         engine = self.engine
-        reduced = (engine.model if isinstance(engine, TorchAutocastEngine) and engine.dtype == precision
-                   and engine.device == "cpu" else reduced_copy(self.torch_model, precision, "cpu"))
+
+        @functools.cache
+        def reduced() -> torch.nn.Module:  # made only where it is timed or used
+            return (engine.model if isinstance(engine, TorchAutocastEngine) and engine.dtype == precision
+                    and engine.device == "cpu" else reduced_copy(self.torch_model, precision, "cpu"))
         if requested != "auto":
-            return precision, f"CAPT_PROBE_PRECISION={requested}", reduced
+            return precision, f"CAPT_PROBE_PRECISION={requested}", reduced()
         size = int(self.bundle.manifest["inputs"]["image"]["shape"][-1])
         pixels = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
 
         def attack_step() -> None:
-            model = reduced if torch.is_autocast_enabled("cpu") else self.torch_model
+            model = reduced() if torch.is_autocast_enabled("cpu") else self.torch_model
             image = pixels.clone().requires_grad_(True)
             torch.autograd.grad(model.encode_image(image).float().sum(), image)
-        precision, why = timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
-        return precision, why, reduced if precision != "fp32" else self.torch_model
+
+        def measure() -> dict:
+            started = time.perf_counter()
+            used, why = timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
+            return {"used": used, "reason": why, "seconds": round(time.perf_counter() - started, 3)}
+        # Timed once per bundle, machine and thread count, and recalled by later starts (serving/engine.py).
+        key = choice_key("probe-precision", self.hardware, files=self.bundle.manifest["files"], offered=precision,
+                         torch_threads=torch.get_num_threads())
+        self.probe_precision_report = remembered(key, measure, lambda kept: kept.get("used") in ("fp32", precision))
+        precision, why = self.probe_precision_report["used"], self.probe_precision_report["reason"]
+        return precision, why, reduced() if precision != "fp32" else self.torch_model
 
     # ---- encoders -----------------------------------------------------------------------------
     def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -761,6 +776,7 @@ class ServingModel:
                 "image_engine": {**self.engine_report, "serving": self.engine.name},
                 "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
                                     "why": self.probe_precision_why,
+                                    **{k: v for k, v in self.probe_precision_report.items() if k in ("seconds", "recalled")},
                                     "note": "autocast of the attack steps; the final image is judged in fp32"},
                 "hardware": self.hardware.to_dict()}
 

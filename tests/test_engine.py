@@ -413,10 +413,11 @@ def test_the_bf16_chunk_size_is_the_best_geometric_mean_within_the_budget(bundle
     assert size == 1 and set(details["fixed_batch_img_s"]) == {"1"}
 
 
-def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monkeypatch, machine_offers_bf16):
-    import capt.hardware
+def test_the_probe_times_auto_on_an_attack_step_of_the_twin_once_and_later_starts_recall_it(
+        default_bundle, monkeypatch, machine_offers_bf16, tmp_path):
     import serving.model
-    model = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.delenv("CAPT_ENGINE_RETUNE", raising=False)
     timed = []
 
     def fake_timing(step, device, hardware=None, budget_s=None):
@@ -424,13 +425,22 @@ def test_the_probe_times_auto_on_an_attack_step_of_the_twin(default_bundle, monk
         timed.append(device)
         return "fp32", "fp32: bf16 measured slower on this model (test)"
     monkeypatch.setattr(serving.model, "timed_precision", fake_timing)
-    assert model._probe_precision("auto") == ("fp32", "fp32: bf16 measured slower on this model (test)",
-                                               model.torch_model)
+    model = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    assert timed == ["cpu"] and (model.probe_precision, model.probe_precision_why) == (
+        "fp32", "fp32: bf16 measured slower on this model (test)")
+    assert "recalled" not in model.info()["probe_precision"]
     precision, why, reduced = model._probe_precision("bf16")
     assert (precision, why) == ("bf16", "CAPT_PROBE_PRECISION=bf16") and timed == ["cpu"]
     assert reduced is not model.torch_model and {p.dtype for p in reduced.parameters()} == {torch.bfloat16}
     assert all(p.grad is None for p in model.torch_model.parameters())  # the step touched no weights
-    assert model.info()["probe_precision"]["why"]
+    # A later start on this machine recalls the timing; CAPT_ENGINE_RETUNE=1 times again.
+    later = ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    assert timed == ["cpu"] and later.probe_precision == "fp32" and later.probe_model is later.torch_model
+    assert "measured by an earlier start" in later.probe_precision_why
+    assert later.info()["probe_precision"]["recalled"]["file"].endswith(".json")
+    monkeypatch.setenv("CAPT_ENGINE_RETUNE", "1")
+    ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    assert timed == ["cpu", "cpu"]
 
 
 def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle, monkeypatch):
