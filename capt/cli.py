@@ -1,7 +1,7 @@
 """The ``capt`` command line: ``capt train``, ``capt eval``, ``capt pretrain``, ``capt replicate``, ``capt promote``,
 ``capt synthetic-imagenet``, ``capt models``, ``capt methods``; and, registered as ``capt.commands`` entry points (see ``_plugins``),
-``capt export`` (from the ``export`` package) and ``capt info``, ``capt robustify``, ``capt curves`` (each
-defined beside what it runs)."""
+``capt export`` (from the ``export`` package), ``capt engines`` (the served engine's cache, from ``serving``) and
+``capt info``, ``capt robustify``, ``capt curves`` (each defined beside what it runs)."""
 from __future__ import annotations
 
 import argparse

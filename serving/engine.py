@@ -281,6 +281,67 @@ def sweep_stale_partials(folder: Path, older_than_s: float = STALE_PARTIAL_S) ->
     return deleted
 
 
+# What the engine cache holds, by name (``capt engines`` lists it): each kind and the code that writes it.
+CACHE_KINDS = (("choice-*.json", "kept choice"),              # keep_choice
+               ("choice-*.lock", "lock"),                     # _taking_turns
+               ("image_encoder-*.onnx", "derived graph"),     # _derived_graph (int8, fp16)
+               ("image_encoder-*.failed", "failure record"),  # _derived_graph
+               ("text-*.npy", "class embeddings"),            # sample_class_embeddings
+               (".*", "partial file"))                        # being written, or left by a killed start
+
+
+def cache_entries(folder: Path) -> list[dict]:
+    """Every file and folder of the engine cache ``folder``: name, kind (``CACHE_KINDS``; "other" for
+    anything else, such as TensorRT's folder), bytes (a folder's files summed) and last use (seconds since
+    the epoch; every use marks a file, :func:`mark_used`). A kept choice also gives what it chose, when it
+    was measured, and whether a start of this code on this machine could still recall it (``current``:
+    the code and machine of its key are these; its graph and settings are not checked here)."""
+    entries = []
+    this_code, this_machine = None, None
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        kind = next((name for pattern, name in CACHE_KINDS if path.match(pattern)), "other")
+        if path.name.startswith(".write-test-"):
+            continue  # cache_dir()'s probe of a start at work
+        try:
+            stat = path.stat()
+            size = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else stat.st_size)
+        except OSError:
+            continue  # deleted while listed
+        entry = {"name": path.name, "kind": kind, "bytes": size, "last_used": stat.st_mtime}
+        if kind == "kept choice":
+            try:
+                record = json.loads(path.read_text())
+                key, value = record["key"], record["value"]
+                if this_code is None:
+                    from capt.hardware import detect
+                    this_code, this_machine = _sources_digest(), _machine_key(detect())
+                entry.update(choice=key.get("kind"), chosen=value.get("engine", value.get("used")),
+                             measured_at=record.get("measured_at"),
+                             current=key.get("code") == this_code and key.get("machine") == this_machine)
+            except Exception as err:  # noqa: BLE001 - an unreadable record is listed as such
+                entry.update(choice=None, error=f"{type(err).__name__}: {err}"[:200], current=False)
+        entries.append(entry)
+    return entries
+
+
+def clear_cache(folder: Path, older_than_s: float = 0.0) -> list[dict]:
+    """Delete the entries of :func:`cache_entries` last used over ``older_than_s`` ago (0: all of them).
+    A server still running has its graphs loaded; its next start measures and makes them again.
+    Returns the entries deleted."""
+    import shutil
+    deleted, now = [], time.time()
+    for entry in cache_entries(folder):
+        if now - entry["last_used"] < older_than_s:
+            continue
+        path = folder / entry["name"]
+        try:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            deleted.append(entry)
+        except FileNotFoundError:
+            continue  # another start deleted it
+    return deleted
+
+
 def _delete_older(folder: Path, patterns: Sequence[str], older_than_s: float) -> list[Path]:
     """Delete the files of ``folder`` matching ``patterns`` last modified over ``older_than_s`` ago."""
     deleted, now = [], time.time()
@@ -309,8 +370,8 @@ def mark_used(path: Path) -> None:
 
 def sweep_unused(folder: Path, older_than_s: float = UNUSED_S) -> list[Path]:
     """Delete what no start has used for ``older_than_s`` (30 days): derived graphs of bundles no longer
-    served (350 MB each for ViT-B-32), their failure records, and choices kept under keys that no longer
-    occur (another version of the code or the libraries, another graph). Every use marks a file
+    served (ViT-B-32's int8 graph is 100 MB), their failure records, and choices kept under keys that
+    no longer occur (another version of the code or the libraries, another graph). Every use marks a file
     (:func:`mark_used`), so a file that is deleted is one no start has needed for that long; a server
     still running from it has its graph loaded, and its next start makes it again. Returns what was deleted."""
     deleted = _delete_older(folder, UNUSED_PATTERNS, older_than_s)
@@ -903,12 +964,17 @@ def _sources_digest() -> str:
 
 def choice_key(kind: str, hardware: Hardware, **settings) -> dict:
     """What a ``kind`` measurement depended on, as JSON values (a kept record must match it exactly)."""
-    machine = hardware.to_dict()
-    machine.pop("why", None)  # prose about the machine, not a fact of it
     kernel_env = {name: value for name, value in os.environ.items() if name.startswith(KERNEL_ENV_PREFIXES)}
-    key = {"kind": kind, "format": CHOICE_FORMAT, "code": _sources_digest(), "machine": machine,
+    key = {"kind": kind, "format": CHOICE_FORMAT, "code": _sources_digest(), "machine": _machine_key(hardware),
            "environment": kernel_env, **settings}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _machine_key(hardware: Hardware) -> dict:
+    """The machine's part of a choice's key, as JSON values: its description without the prose."""
+    machine = hardware.to_dict()
+    machine.pop("why", None)  # prose about the machine, not a fact of it
+    return json.loads(json.dumps(machine, sort_keys=True, default=str))
 
 
 def _choice_path(key: dict) -> Path:

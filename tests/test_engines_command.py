@@ -1,0 +1,77 @@
+"""``capt engines``: what the engine cache holds (kept choices with what they chose and whether this code
+on this machine can recall them, derived graphs, sizes, last use) and ``--clear``."""
+import json
+import os
+import time
+
+import pytest
+
+from capt.cli import main
+from capt.hardware import Hardware
+from export.bundle import load_bundle
+from serving.engine import RETUNE_ENV, remembered_engine
+
+AVX2 = Hardware.from_flags({"avx2"})  # onnx-int8 applies: a kept choice, an int8 graph, class embeddings
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path))
+    monkeypatch.delenv(RETUNE_ENV, raising=False)
+    return tmp_path
+
+
+def _listing(capsys):
+    assert main(["engines", "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_the_cache_is_listed_with_what_each_kept_choice_chose(default_bundle, cache, capsys, monkeypatch):
+    import capt.hardware
+    engine, report = remembered_engine(load_bundle(default_bundle, ["CPUExecutionProvider"], check=False), AVX2)
+    monkeypatch.setattr(capt.hardware, "detect", lambda: AVX2)  # the machine the choice was measured on
+    listing = _listing(capsys)
+    assert listing["folder"] == str(cache)
+    kinds = {entry["kind"] for entry in listing["entries"]}
+    assert {"kept choice", "lock", "class embeddings"} <= kinds
+    (choice,) = [entry for entry in listing["entries"] if entry["kind"] == "kept choice"]
+    assert choice["choice"] == "engine" and choice["chosen"] == engine.name == report["engine"]
+    assert choice["current"] is True and choice["measured_at"]
+    assert listing["bytes"] == sum(path.stat().st_size for path in cache.iterdir())
+    # Measured on another machine (or by another version of the code): listed, never recalled here.
+    monkeypatch.setattr(capt.hardware, "detect", lambda: Hardware.from_flags({"avx2"}, cpu_signature="family 25 model 1"))
+    (choice,) = [entry for entry in _listing(capsys)["entries"] if entry["kind"] == "kept choice"]
+    assert choice["current"] is False
+    assert main(["engines"]) == 0
+    text = capsys.readouterr().out
+    assert str(cache) in text and f"engine: {engine.name}" in text and "never recalled" in text
+
+
+def test_an_unreadable_kept_choice_is_listed_as_such(cache, capsys):
+    (cache / "choice-engine-0123456789abcdef.json").write_text("{not json")
+    (entry,) = _listing(capsys)["entries"]
+    assert entry["kind"] == "kept choice" and entry["current"] is False and "JSONDecodeError" in entry["error"]
+
+
+def test_clear_deletes_everything_or_what_was_unused_for_days(cache, capsys):
+    old, recent = cache / "image_encoder-0123456789abcdef-int8-unannotated.onnx", cache / "text-0123456789abcdef.npy"
+    (cache / "tensorrt").mkdir()
+    (cache / "tensorrt" / "engine.trt").write_bytes(b"x" * 10)
+    for path in (old, recent):
+        path.write_bytes(b"x" * 100)
+    ten_days_ago = time.time() - 10 * 86400
+    os.utime(old, (ten_days_ago, ten_days_ago))
+    assert main(["engines", "--clear", "--older-than", "7", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert [entry["name"] for entry in result["deleted"]] == [old.name] and result["bytes_freed"] == 100
+    assert not old.exists() and recent.exists()
+    assert main(["engines", "--clear"]) == 0
+    assert "deleted 2 entries, 110 B freed" in capsys.readouterr().out
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, message", [(["--older-than", "3"], "--older-than goes with --clear"),
+                                           (["--clear", "--older-than", "-1"], "must be >= 0 days")])
+def test_bad_options_are_a_cli_error(cache, capsys, argv, message):
+    assert main(["engines", *argv]) == 2
+    assert message in capsys.readouterr().err
