@@ -5,8 +5,10 @@ start used for 30 days is swept by the server itself."""
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
-from datetime import datetime, timezone
+from pathlib import Path
 
 
 def _size(n: float) -> str:
@@ -25,28 +27,47 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def _cache_folder() -> tuple[Path, str]:
+    """The folder a server's start would use, without making or probing it as a start does, and where
+    that comes from."""
+    from serving.engine import FALLBACK_CACHE, configured_cache_dir
+    folder = configured_cache_dir()
+    source = "CAPT_ENGINE_CACHE" if os.environ.get("CAPT_ENGINE_CACHE") else "default; CAPT_ENGINE_CACHE sets it"
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"the engine cache {folder} ({source}) is not a folder")
+    if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+        # A start falls back to FALLBACK_CACHE where it cannot write: that is the cache it uses.
+        return FALLBACK_CACHE, f"{folder} ({source}) cannot be written, so a start uses this fallback"
+    return folder, source
+
+
 def _engines(args) -> None:
-    from serving.engine import UNUSED_S, cache_dir, cache_entries, clear_cache
+    from serving.engine import UNUSED_S, cache_entries, clear_cache
     if args.older_than is not None and not args.clear:
         raise ValueError("--older-than goes with --clear")
-    if args.older_than is not None and args.older_than < 0:
-        raise ValueError(f"--older-than must be >= 0 days, got {args.older_than}")
-    folder = cache_dir()
+    if args.older_than is not None and not (math.isfinite(args.older_than) and args.older_than >= 0):
+        raise ValueError(f"--older-than must be a number of days >= 0, got {args.older_than}")
+    folder, source = _cache_folder()
     if args.clear:
-        deleted = clear_cache(folder, (args.older_than or 0.0) * 86400)
+        deleted, failed = clear_cache(folder, (args.older_than or 0.0) * 86400)
         freed = sum(entry["bytes"] for entry in deleted)
         if args.json:
-            print(json.dumps({"folder": str(folder), "deleted": deleted, "bytes_freed": freed}, indent=2))
+            print(json.dumps({"folder": str(folder), "deleted": deleted, "not_deleted": failed, "bytes_freed": freed},
+                             indent=2))
         else:
             print(f"{folder}: deleted {len(deleted)} entr{'y' if len(deleted) == 1 else 'ies'}, {_size(freed)} freed")
+        if failed:
+            raise PermissionError(f"{len(failed)} entr{'y' if len(failed) == 1 else 'ies'} of {folder} could not be "
+                                  "deleted: " + "; ".join(f"{entry['name']} ({entry['error']})" for entry in failed[:5]))
         return
     entries = cache_entries(folder)
     if args.json:
-        print(json.dumps({"folder": str(folder), "entries": entries,
+        print(json.dumps({"folder": str(folder), "source": source, "entries": entries,
                           "bytes": sum(entry["bytes"] for entry in entries)}, indent=2))
         return
     now = time.time()
-    print(f"engine cache: {folder} (CAPT_ENGINE_CACHE), {len(entries)} entries, "
+    state = "" if folder.is_dir() else "; not made yet (the first start makes it)"
+    print(f"engine cache: {folder} ({source}{state}), {len(entries)} entries, "
           f"{_size(sum(entry['bytes'] for entry in entries))}")
     print(f"what no start used for {UNUSED_S / 86400:.0f} days is swept at a server's start; "
           "`capt engines --clear` deletes it all now")
@@ -71,4 +92,4 @@ def register(subparsers) -> tuple[type[BaseException], ...]:
     p.add_argument("--older-than", type=float, metavar="DAYS",
                    help="with --clear: only what no start used for this many days")
     p.set_defaults(run=_engines)
-    return ()
+    return (OSError,)  # an unreadable cache, or entries that could not be deleted: "capt: error: ..."

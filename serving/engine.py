@@ -243,9 +243,19 @@ class Candidate:
 
 
 # ---- candidates -----------------------------------------------------------------------------------
+def configured_cache_dir() -> Path:
+    """The engine cache a start uses if it can write there: ``CAPT_ENGINE_CACHE``, default
+    ``~/.cache/capt/engines`` (neither made nor probed here: :func:`cache_dir` does)."""
+    return Path(os.environ.get("CAPT_ENGINE_CACHE") or Path.home() / ".cache" / "capt" / "engines")
+
+
+FALLBACK_CACHE = Path(tempfile.gettempdir()) / "capt-engines"
+
+
 def cache_dir() -> Path:
-    """Where derived graphs (int8, fp16) are kept between starts, keyed by the source graph's sha256."""
-    path = Path(os.environ.get("CAPT_ENGINE_CACHE") or Path.home() / ".cache" / "capt" / "engines")
+    """Where derived graphs (int8, fp16) are kept between starts, keyed by the source graph's sha256:
+    :func:`configured_cache_dir`, made if missing, else (not writable) ``FALLBACK_CACHE``."""
+    path = configured_cache_dir()
     try:
         path.mkdir(parents=True, exist_ok=True)
         # A probe of a name of its own: two threads of one process probing one name raced (one's unlink
@@ -254,9 +264,8 @@ def cache_dir() -> Path:
             pass
         return path
     except OSError:
-        fallback = Path(tempfile.gettempdir()) / "capt-engines"
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
+        FALLBACK_CACHE.mkdir(parents=True, exist_ok=True)
+        return FALLBACK_CACHE
 
 
 class DerivedGraphFailed(RuntimeError):
@@ -287,35 +296,38 @@ CACHE_KINDS = (("choice-*.json", "kept choice"),              # keep_choice
                ("image_encoder-*.onnx", "derived graph"),     # _derived_graph (int8, fp16)
                ("image_encoder-*.failed", "failure record"),  # _derived_graph
                ("text-*.npy", "class embeddings"),            # sample_class_embeddings
+               ("tensorrt-*", "TensorRT engines"),            # tensorrt_options (a folder ONNX Runtime fills)
                (".*", "partial file"))                        # being written, or left by a killed start
 
 
 def cache_entries(folder: Path) -> list[dict]:
     """Every file and folder of the engine cache ``folder``: name, kind (``CACHE_KINDS``; "other" for
-    anything else, such as TensorRT's folder), bytes (a folder's files summed) and last use (seconds since
-    the epoch; every use marks a file, :func:`mark_used`). A kept choice also gives what it chose, when it
+    anything else), bytes (a folder's files summed) and last use (seconds since the epoch; every use marks
+    a file, :func:`mark_used`; a folder's newest file, which ONNX Runtime writes). A kept choice also gives what it chose, when it
     was measured, and whether a start of this code on this machine could still recall it (``current``:
     the code and machine of its key are these; its graph and settings are not checked here)."""
     entries = []
-    this_code, this_machine = None, None
+    this_machine, codes = None, {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        kind = next((name for pattern, name in CACHE_KINDS if path.match(pattern)), "other")
         if path.name.startswith(".write-test-"):
             continue  # cache_dir()'s probe of a start at work
+        kind = next((name for pattern, name in CACHE_KINDS if path.match(pattern)), "other")
         try:
-            stat = path.stat()
-            size = (sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else stat.st_size)
+            stats = [path.stat(), *(f.stat() for f in path.rglob("*") if f.is_file())] if path.is_dir() else [path.stat()]
         except OSError:
             continue  # deleted while listed
-        entry = {"name": path.name, "kind": kind, "bytes": size, "last_used": stat.st_mtime}
+        entry = {"name": path.name, "kind": kind, "bytes": sum(st.st_size for st in stats[1:] or stats),
+                 "last_used": max(st.st_mtime for st in stats)}
         if kind == "kept choice":
             try:
                 record = json.loads(path.read_text())
                 key, value = record["key"], record["value"]
-                if this_code is None:
+                if this_machine is None:
                     from capt.hardware import detect
-                    this_code, this_machine = _sources_digest(), _machine_key(detect())
-                entry.update(choice=key.get("kind"), chosen=value.get("engine", value.get("used")),
+                    this_machine = _machine_key(detect())
+                sources = key.get("sources", CHOICE_SOURCES)
+                this_code = codes.setdefault(tuple(sources), _sources_digest(sources))
+                entry.update(choice=key.get("kind"), chosen=str(value.get("engine", value.get("used"))),
                              measured_at=record.get("measured_at"),
                              current=key.get("code") == this_code and key.get("machine") == this_machine)
             except Exception as err:  # noqa: BLE001 - an unreadable record is listed as such
@@ -324,22 +336,27 @@ def cache_entries(folder: Path) -> list[dict]:
     return entries
 
 
-def clear_cache(folder: Path, older_than_s: float = 0.0) -> list[dict]:
+def clear_cache(folder: Path, older_than_s: float = 0.0) -> tuple[list[dict], list[dict]]:
     """Delete the entries of :func:`cache_entries` last used over ``older_than_s`` ago (0: all of them).
     A server still running has its graphs loaded; its next start measures and makes them again.
-    Returns the entries deleted."""
+    Returns (the entries deleted, those that could not be, each with its ``error``)."""
     import shutil
-    deleted, now = [], time.time()
+    deleted, failed, now = [], [], time.time()
     for entry in cache_entries(folder):
-        if now - entry["last_used"] < older_than_s:
+        if older_than_s and now - entry["last_used"] < older_than_s:
             continue
         path = folder / entry["name"]
         try:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
             deleted.append(entry)
         except FileNotFoundError:
             continue  # another start deleted it
-    return deleted
+        except OSError as err:  # a permission: said, and the rest still deleted
+            failed.append({**entry, "error": f"{type(err).__name__}: {err}"})
+    return deleted, failed
 
 
 def _delete_older(folder: Path, patterns: Sequence[str], older_than_s: float) -> list[Path]:
@@ -357,7 +374,7 @@ def _delete_older(folder: Path, patterns: Sequence[str], older_than_s: float) ->
 
 
 UNUSED_S = 30 * 86400.0  # a derived graph, failure record or kept choice no start has used for 30 days
-UNUSED_PATTERNS = ("image_encoder-*.onnx", "image_encoder-*.failed", "choice-*.json", "choice-*.lock", "text-*.npy")
+UNUSED_PATTERNS = tuple(pattern for pattern, kind in CACHE_KINDS if kind != "partial file")  # files; folders stay
 
 
 def mark_used(path: Path) -> None:
@@ -635,24 +652,43 @@ def sample_set(bundle, count: int = DEFAULT_SAMPLES) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(pixels, dtype=np.float32), text, name
 
 
+TEXT_FORMAT = 1  # of the kept class embeddings' key
+
+
+def _library_versions() -> dict:
+    """The versions of what tokenises and runs the text graph (a kept file is recomputed after an upgrade)."""
+    from importlib import metadata
+    versions = {}
+    for name in ("open_clip_torch", "onnxruntime-gpu", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
 def sample_class_embeddings(bundle, labels: Sequence[str]) -> np.ndarray:
     """The text graph's embeddings of ``labels`` (the self-test's classes), kept in the engine cache as
-    ``.npy`` (read without pickle) and keyed by the sha256 of every bundle file and the labels: computed
+    ``.npy`` (read without pickle) and keyed by the sha256 of every bundle file, the labels, this code and the library versions: computed
     once per bundle, not at every start (ViT-B-32's text encoder took 2.0 s for 64 labels on 2 cores of
-    the Xeon of model 167). A kept file that is unreadable or not the right shape is computed anew."""
-    key = json.dumps({"format": CHOICE_FORMAT, "files": bundle.manifest["files"], "labels": list(labels)},
-                     sort_keys=True)
+    the Xeon of model 167). A kept file that is unreadable or not of the right shape (labels x the text
+    graph's width) is computed anew."""
+    width = bundle.text_session.get_outputs()[0].shape[-1]  # the embedding width (the batch is symbolic)
+    key = json.dumps({"format": TEXT_FORMAT, "files": bundle.manifest["files"], "labels": list(labels),
+                      "code": _sources_digest(), "libraries": _library_versions()}, sort_keys=True)
     path = None
     with contextlib.suppress(Exception):
         path = cache_dir() / f"text-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npy"
-    if path is not None and path.exists():
+    if path is not None:
         try:
-            kept = np.load(path, allow_pickle=False)
-            if kept.dtype == np.float32 and kept.ndim == 2 and len(kept) == len(labels) and np.isfinite(kept).all():
+            with open(path, "rb") as f:  # the .npy format only (np.load would also open zip archives)
+                kept = np.lib.format.read_array(f, allow_pickle=False)
+            if (kept.dtype == np.float32 and kept.ndim == 2 and len(kept) == len(labels)
+                    and (kept.shape[1] == width or not isinstance(width, int)) and np.isfinite(kept).all()):
                 mark_used(path)
                 return kept
-            logger.warning("engine cache: %s is not %d finite float32 embeddings; computing them again", path,
-                           len(labels))
+            logger.warning("engine cache: %s is not %d finite float32 embeddings of width %s; computing them again",
+                           path, len(labels), width)
+        except FileNotFoundError:
+            pass  # not kept yet
         except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the embeddings are computed
             logger.warning("engine cache: could not read %s (%s: %s); computing it again", path, type(err).__name__, err)
     tokens = bundle.twin.tokenize(list(labels))
@@ -939,18 +975,16 @@ RETUNE_ENV = "CAPT_ENGINE_RETUNE"
 CHOICE_FORMAT = 1
 KERNEL_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "OMP_", "KMP_", "MKL_", "GOMP_", "ORT_")
 _REPO = Path(__file__).resolve().parent.parent
-# serving/model.py: the probe's timed attack step (ServingModel._probe_precision)
-CHOICE_SOURCES = ("serving/engine.py", "export/bundle.py", "export/onnx_export.py", "capt/hardware.py",
-                  "serving/model.py")
+CHOICE_SOURCES = ("serving/engine.py", "export/bundle.py", "export/onnx_export.py", "capt/hardware.py")
 
 
 def retune_requested() -> bool:
     return os.environ.get(RETUNE_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def _sources_digest() -> str:
+def _sources_digest(sources: Sequence[str] = CHOICE_SOURCES) -> str:
     digest = hashlib.sha256()
-    for name in CHOICE_SOURCES:
+    for name in sources:
         try:
             digest.update((_REPO / name).read_bytes())
         except OSError:  # installed without sources (bytecode only): the package version must do
@@ -962,11 +996,12 @@ def _sources_digest() -> str:
     return digest.hexdigest()
 
 
-def choice_key(kind: str, hardware: Hardware, **settings) -> dict:
-    """What a ``kind`` measurement depended on, as JSON values (a kept record must match it exactly)."""
+def choice_key(kind: str, hardware: Hardware, sources: Sequence[str] = CHOICE_SOURCES, **settings) -> dict:
+    """What a ``kind`` measurement depended on, as JSON values (a kept record must match it exactly).
+    ``sources``: the files (from the repository root) whose code makes or times it."""
     kernel_env = {name: value for name, value in os.environ.items() if name.startswith(KERNEL_ENV_PREFIXES)}
-    key = {"kind": kind, "format": CHOICE_FORMAT, "code": _sources_digest(), "machine": _machine_key(hardware),
-           "environment": kernel_env, **settings}
+    key = {"kind": kind, "format": CHOICE_FORMAT, "sources": list(sources), "code": _sources_digest(sources),
+           "machine": _machine_key(hardware), "environment": kernel_env, **settings}
     return json.loads(json.dumps(key, sort_keys=True, default=str))
 
 
@@ -1007,11 +1042,11 @@ def keep_choice(key: dict, value: dict) -> None:
     that cannot be written only costs the next start its measurement."""
     try:
         path = _choice_path(key)
+        record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
+        text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
     except Exception as err:  # noqa: BLE001
         logger.info("engine cache: could not keep the measured choice (%s: %s)", type(err).__name__, err)
         return
-    record = {"key": key, "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "value": value}
-    text = json.dumps(record, indent=1, sort_keys=True, default=str) + "\n"
     _write_atomically(path, lambda f: f.write(text.encode()))
 
 
@@ -1035,17 +1070,22 @@ def _write_atomically(path: Path, write: Callable) -> bool:
         return False
 
 
+MEASURING_LOCK = "choice-measuring.lock"
+
+
 @contextlib.contextmanager
-def _taking_turns(key: dict, sweep: bool = False):
-    """An exclusive lock on the key's lock file for the time of a recall-or-measure: workers that start
-    together measure one at a time, and the later ones recall the first's choice. Without a lock (no
-    cache, no ``fcntl``), everyone goes on unlocked, as before. With ``sweep``, at the end, what no
+def _taking_turns(sweep: bool = False):
+    """An exclusive lock on the cache's one lock file (``MEASURING_LOCK``) for the time of a
+    recall-or-measure: workers that start together measure one at a time, and the later ones recall the
+    first's choice. One lock for every kind of choice and every bundle: the probe's precision timed by one
+    worker while another rechecks its engine, or two servers timing at once, would time each other's load.
+    Without a lock (no cache, no ``fcntl``), everyone goes on unlocked, as before. With ``sweep``, at the end, what no
     start has used for 30 days is swept from the cache (:func:`sweep_unused`): the engine's choice
     sweeps, the last step of a start to use the cache, once its graphs and records are marked."""
     handle = None
     try:
         import fcntl
-        path = _choice_path(key).with_suffix(".lock")
+        path = cache_dir() / MEASURING_LOCK
         handle = open(path, "a")
         fcntl.flock(handle, fcntl.LOCK_EX)
         mark_used(path)
@@ -1058,9 +1098,11 @@ def _taking_turns(key: dict, sweep: bool = False):
         yield
     finally:
         if handle is not None:
-            if sweep:
-                sweep_unused(Path(handle.name).parent)  # after this start marked what it used
-            handle.close()  # closing releases the lock
+            try:
+                if sweep:
+                    sweep_unused(Path(handle.name).parent)  # after this start marked what it used
+            finally:
+                handle.close()  # closing releases the lock
 
 
 def _failure_records(bundle) -> list[str]:
@@ -1085,7 +1127,7 @@ def remembered(key: dict, measure: Callable[[], dict], usable: Callable[[dict], 
     starting together take turns. A recalled report gains ``recalled`` (when it was measured, the file,
     the measurement's own ``seconds``) and says so in its ``reason``; ``seconds`` is this start's."""
     started = time.perf_counter()
-    with _taking_turns(key):
+    with _taking_turns():
         record = recall_choice(key)
         if record is not None and usable(record["value"]):
             value = record["value"]
@@ -1129,7 +1171,7 @@ def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",
                      candidates=[[c.name, c.applies, c.why] for c in pool.values()],
                      samples=str(bundle.manifest.get("parity", {}).get("sample", "synthetic")),
                      failure_records=_failure_records(bundle))
-    with _taking_turns(key, sweep=True):
+    with _taking_turns(sweep=True):
         record = recall_choice(key)
         if record is not None:
             try:

@@ -30,8 +30,8 @@ from export.bundle import IMAGE_ONNX, cuda_unavailable_reason, load_bundle, veri
 
 from .adversarial import (UnsupportedPreprocessing, UploadTransform, apgd_ce, default_step_size, finite_nonnegative,
                           grid_room, linf_255, on_grid, quantise, to_image, to_tensor)
-from .engine import (REFERENCE, TorchAutocastEngine, choice_key, reduced_copy, remembered, remembered_engine,
-                     remembered_ort_threads)
+from .engine import (CHOICE_SOURCES, REFERENCE, TorchAutocastEngine, choice_key, reduced_copy, remembered,
+                     remembered_engine, remembered_ort_threads)
 from .errors import Busy, ImageRejected, ProbeTimeout, RequestError
 from .images import png_base64
 
@@ -329,8 +329,8 @@ class ServingModel:
             used, why = timed_precision(attack_step, "cpu", self.hardware, budget_s=3.0)
             return {"used": used, "reason": why, "seconds": round(time.perf_counter() - started, 3)}
         # Timed once per bundle, machine and thread count, and recalled by later starts (serving/engine.py).
-        key = choice_key("probe-precision", self.hardware, files=self.bundle.manifest["files"], offered=precision,
-                         torch_threads=torch.get_num_threads())
+        key = choice_key("probe-precision", self.hardware, sources=(*CHOICE_SOURCES, "serving/model.py"),
+                         files=self.bundle.manifest["files"], offered=precision, torch_threads=torch.get_num_threads())
         self.probe_precision_report = remembered(key, measure, lambda kept: kept.get("used") in ("fp32", precision))
         precision, why = self.probe_precision_report["used"], self.probe_precision_report["reason"]
         return precision, why, reduced() if precision != "fp32" else self.torch_model

@@ -1,6 +1,9 @@
 """serving/engine.py: what auto measured at a start (threads, engine) is kept in the engine cache and
 recalled by a later start on the same machine, which rechecks the kept engine's safety, not its speed."""
+import dataclasses
 import json
+import os
+import time
 
 import numpy as np
 import pytest
@@ -234,7 +237,6 @@ def test_a_restarted_server_recalls_its_threads_and_engine(default_bundle, cache
 
 def test_workers_starting_together_take_turns_the_first_measures_the_others_recall(default_bundle, cache, monkeypatch):
     import threading
-    import time
     manifest = json.loads((default_bundle / "manifest.json").read_text())
     real, calls = engine_module.choose_ort_threads, []
 
@@ -266,8 +268,6 @@ def test_threads_of_one_process_find_the_same_cache(cache):
 
 
 def test_what_no_start_used_for_30_days_is_swept_and_what_a_start_uses_is_marked(bundle, cache):
-    import os
-    import time
     remembered_engine(bundle, AVX2)  # a kept choice (and its lock), and int8's graph where it was tried
     (record,) = cache.glob("choice-engine-*.json")
     unused = [cache / "image_encoder-0123456789abcdef-int8-unannotated.onnx",  # a bundle no longer served
@@ -299,6 +299,9 @@ class _CountingSession:
         self.runs += 1
         return self.session.run(*args, **kwargs)
 
+    def get_outputs(self):
+        return self.session.get_outputs()
+
 
 def test_the_self_tests_class_embeddings_are_computed_once_per_bundle_and_labels(bundle, cache, monkeypatch):
     from serving.engine import sample_class_embeddings
@@ -313,9 +316,32 @@ def test_the_self_tests_class_embeddings_are_computed_once_per_bundle_and_labels
     assert np.array_equal(second, direct)
     other = sample_class_embeddings(bundle, labels[:2])  # other labels: another file
     assert counting.runs == 2 and other.shape[0] == 2 and len(list(cache.glob("text-*.npy"))) == 2
+    files = {**bundle.manifest["files"], "text_encoder.onnx": "0" * 64}  # another bundle's text graph: another file
+    sample_class_embeddings(dataclasses.replace(bundle, manifest={**bundle.manifest, "files": files}), labels)
+    assert counting.runs == 3 and len(list(cache.glob("text-*.npy"))) == 3
+    # Every read marks the file, so the 30-day sweep keeps what starts still read.
+    month_ago = time.time() - 31 * 86400
+    os.utime(kept, (month_ago, month_ago))
+    sample_class_embeddings(bundle, labels)
+    assert counting.runs == 3 and time.time() - kept.stat().st_mtime < 3600
 
 
-@pytest.mark.parametrize("damage", ["garbage", "wrong shape", "pickled objects", "not finite"])
+_UNPICKLED = []
+
+
+def _record_unpickling(note):
+    _UNPICKLED.append(note)
+    return note
+
+
+class _Payload:
+    """Unpickling it calls :func:`_record_unpickling`: a file that was unpickled leaves a trace."""
+
+    def __reduce__(self):
+        return _record_unpickling, ("unpickled",)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "wrong shape", "wrong width", "pickled objects", "not finite", "zip"])
 def test_a_damaged_kept_class_embedding_file_is_computed_again_never_unpickled(bundle, cache, monkeypatch, damage):
     from serving.engine import sample_class_embeddings
     labels = ["a red circle", "a blue star", "a green square"]
@@ -325,14 +351,19 @@ def test_a_damaged_kept_class_embedding_file_is_computed_again_never_unpickled(b
         kept.write_bytes(b"\x93NUMPY not really")
     elif damage == "wrong shape":
         np.save(kept, good[:2])
+    elif damage == "wrong width":
+        np.save(kept, good[:, :1])  # the right number of rows: a width check is what refuses it
     elif damage == "pickled objects":
-        import pickle
-        monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("a kept file was unpickled"))
-        np.save(kept, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+        payload = np.empty(3, dtype=object)
+        payload[:] = [_Payload(), _Payload(), _Payload()]
+        np.save(kept, payload, allow_pickle=True)
+    elif damage == "zip":
+        with kept.open("wb") as f:
+            np.savez(f, good)
     else:
         np.save(kept, np.full_like(good, np.nan))
     counting = _CountingSession(bundle.text_session)
     monkeypatch.setattr(bundle, "text_session", counting)
     again = sample_class_embeddings(bundle, labels)
-    assert counting.runs == 1 and np.array_equal(again, good)
+    assert counting.runs == 1 and np.array_equal(again, good) and _UNPICKLED == []
     assert np.array_equal(np.load(kept, allow_pickle=False), good)  # and kept again, whole

@@ -65,13 +65,60 @@ def test_clear_deletes_everything_or_what_was_unused_for_days(cache, capsys):
     result = json.loads(capsys.readouterr().out)
     assert [entry["name"] for entry in result["deleted"]] == [old.name] and result["bytes_freed"] == 100
     assert not old.exists() and recent.exists()
+    future = time.time() + 86400  # a clock set back since: plain --clear deletes it too
+    os.utime(recent, (future, future))
     assert main(["engines", "--clear"]) == 0
     assert "deleted 2 entries, 110 B freed" in capsys.readouterr().out
     assert list(cache.iterdir()) == []
 
 
+def test_a_tensorrt_folder_is_listed_by_its_newest_file(cache, capsys):
+    folder = cache / "tensorrt-0123456789abcdef"
+    folder.mkdir()
+    (folder / "a.engine").write_bytes(b"x" * 7)
+    (folder / "b.profile").write_bytes(b"x" * 5)
+    month_ago = time.time() - 31 * 86400
+    os.utime(folder, (month_ago, month_ago))  # the folder itself unchanged for a month, its files written now
+    (entry,) = _listing(capsys)["entries"]
+    assert entry["kind"] == "TensorRT engines" and entry["bytes"] == 12 and time.time() - entry["last_used"] < 3600
+    assert main(["engines", "--clear", "--older-than", "7"]) == 0 and folder.exists()
+
+
+def test_listing_makes_nothing_and_a_file_named_as_the_cache_is_an_error(tmp_path, monkeypatch, capsys):
+    missing = tmp_path / "not-yet"
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(missing))
+    assert main(["engines"]) == 0
+    assert "not made yet" in capsys.readouterr().out and not missing.exists()
+    (tmp_path / "a-file").write_text("x")
+    monkeypatch.setenv("CAPT_ENGINE_CACHE", str(tmp_path / "a-file"))
+    assert main(["engines", "--clear"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and (tmp_path / "a-file").exists()
+
+
+def test_what_cannot_be_deleted_is_said_and_the_rest_is_deleted(cache, capsys, monkeypatch):
+    from pathlib import Path
+    stuck, other = cache / "text-0123456789abcdef.npy", cache / "text-fedcba9876543210.npy"
+    for path in (stuck, other):
+        path.write_bytes(b"x")
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name == stuck.name:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    assert main(["engines", "--clear"]) == 2
+    captured = capsys.readouterr()
+    assert "deleted 1 entry" in captured.out and f"{stuck.name} (PermissionError" in captured.err
+    assert stuck.exists() and not other.exists()
+
+
 @pytest.mark.parametrize("argv, message", [(["--older-than", "3"], "--older-than goes with --clear"),
-                                           (["--clear", "--older-than", "-1"], "must be >= 0 days")])
+                                           (["--clear", "--older-than", "-1"], "days >= 0, got -1"),
+                                           (["--clear", "--older-than", "nan"], "days >= 0, got nan"),
+                                           (["--clear", "--older-than", "inf"], "days >= 0, got inf")])
 def test_bad_options_are_a_cli_error(cache, capsys, argv, message):
+    kept = cache / "text-0123456789abcdef.npy"
+    kept.write_bytes(b"x")
     assert main(["engines", *argv]) == 2
-    assert message in capsys.readouterr().err
+    assert message in capsys.readouterr().err and kept.exists()
