@@ -438,9 +438,17 @@ def test_the_probe_times_auto_on_an_attack_step_of_the_twin_once_and_later_start
     assert timed == ["cpu"] and later.probe_precision == "fp32" and later.probe_model is later.torch_model
     assert "measured by an earlier start" in later.probe_precision_why
     assert later.info()["probe_precision"]["recalled"]["file"].endswith(".json")
+    # Another PyTorch thread count is another measurement.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
+    finally:
+        torch.set_num_threads(threads)
+    assert timed == ["cpu", "cpu"]
     monkeypatch.setenv("CAPT_ENGINE_RETUNE", "1")
     ServingModel(default_bundle, Limits(), check_twin=False, engine="onnx-fp32")
-    assert timed == ["cpu", "cpu"]
+    assert timed == ["cpu", "cpu", "cpu"]
 
 
 def test_the_bf16_engine_computes_on_the_served_thread_count(default_bundle, monkeypatch):
