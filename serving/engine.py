@@ -303,9 +303,10 @@ CACHE_KINDS = (("choice-*.json", "kept choice"),              # keep_choice
 def cache_entries(folder: Path) -> list[dict]:
     """Every file and folder of the engine cache ``folder``: name, kind (``CACHE_KINDS``; "other" for
     anything else), bytes (a folder's files summed) and last use (seconds since the epoch; every use marks
-    a file, :func:`mark_used`; a folder's newest file, which ONNX Runtime writes). A kept choice also gives what it chose, when it
-    was measured, and whether a start of this code on this machine could still recall it (``current``:
-    the code and machine of its key are these; its graph and settings are not checked here)."""
+    a file, :func:`mark_used`; for a folder, its newest file, which ONNX Runtime writes). A kept choice
+    also gives what it chose, when it was measured, and whether a start of this code on this machine
+    could still recall it (``current``: the code and machine of its key are these; its graph and settings
+    are not checked here)."""
     entries = []
     this_machine, codes = None, {}
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -313,11 +314,12 @@ def cache_entries(folder: Path) -> list[dict]:
             continue  # cache_dir()'s probe of a start at work
         kind = next((name for pattern, name in CACHE_KINDS if path.match(pattern)), "other")
         try:
-            stats = [path.stat(), *(f.stat() for f in path.rglob("*") if f.is_file())] if path.is_dir() else [path.stat()]
+            own = path.stat()
+            files = [f.stat() for f in path.rglob("*") if f.is_file()] if path.is_dir() else [own]
         except OSError:
             continue  # deleted while listed
-        entry = {"name": path.name, "kind": kind, "bytes": sum(st.st_size for st in stats[1:] or stats),
-                 "last_used": max(st.st_mtime for st in stats)}
+        entry = {"name": path.name, "kind": kind, "bytes": sum(st.st_size for st in files),
+                 "last_used": max(st.st_mtime for st in [own, *files])}
         if kind == "kept choice":
             try:
                 record = json.loads(path.read_text())
@@ -667,10 +669,10 @@ def _library_versions() -> dict:
 
 def sample_class_embeddings(bundle, labels: Sequence[str]) -> np.ndarray:
     """The text graph's embeddings of ``labels`` (the self-test's classes), kept in the engine cache as
-    ``.npy`` (read without pickle) and keyed by the sha256 of every bundle file, the labels, this code and the library versions: computed
-    once per bundle, not at every start (ViT-B-32's text encoder took 2.0 s for 64 labels on 2 cores of
-    the Xeon of model 167). A kept file that is unreadable or not of the right shape (labels x the text
-    graph's width) is computed anew."""
+    ``.npy`` (read without pickle), keyed by the sha256 of every bundle file, the labels, this code and
+    the library versions: computed once per bundle, not at every start (ViT-B-32's text encoder took
+    2.0 s for 64 labels on 2 cores of the Xeon of model 167). A kept file that is unreadable or not of
+    the right shape (labels x the text graph's width) is computed anew."""
     width = bundle.text_session.get_outputs()[0].shape[-1]  # the embedding width (the batch is symbolic)
     key = json.dumps({"format": TEXT_FORMAT, "files": bundle.manifest["files"], "labels": list(labels),
                       "code": _sources_digest(), "libraries": _library_versions()}, sort_keys=True)
@@ -690,7 +692,8 @@ def sample_class_embeddings(bundle, labels: Sequence[str]) -> np.ndarray:
         except FileNotFoundError:
             pass  # not kept yet
         except Exception as err:  # noqa: BLE001 - whatever is wrong with the file, the embeddings are computed
-            logger.warning("engine cache: could not read %s (%s: %s); computing it again", path, type(err).__name__, err)
+            logger.warning("engine cache: could not read %s (%s: %s); computing it again", path, type(err).__name__,
+                           err)
     tokens = bundle.twin.tokenize(list(labels))
     text = np.ascontiguousarray(bundle.text_session.run(None, {"tokens": tokens.numpy()})[0], dtype=np.float32)
     if path is not None:
@@ -699,8 +702,9 @@ def sample_class_embeddings(bundle, labels: Sequence[str]) -> np.ndarray:
 
 
 # The self-test's top-1 agreement is measured over at most this many of the manifest's labels: their text
-# embeddings are computed at every start, and ViT-B-32's text encoder took 2.0 s for 64 labels and
-# 28.0 s for 640 on 2 cores of the Xeon of model 167 (an ImageNet manifest has 1,000).
+# embeddings are computed at a bundle's first start (then kept: sample_class_embeddings), and ViT-B-32's
+# text encoder took 2.0 s for 64 labels and 28.0 s for 640 on 2 cores of the Xeon of model 167 (an
+# ImageNet manifest has 1,000).
 SELF_TEST_MAX_LABELS = 64
 
 
@@ -1050,10 +1054,10 @@ def keep_choice(key: dict, value: dict) -> None:
     _write_atomically(path, lambda f: f.write(text.encode()))
 
 
-def _write_atomically(path: Path, write: Callable) -> bool:
+def _write_atomically(path: Path, write: Callable) -> None:
     """``write(binary file)`` into a hidden ``.<name>.*.partial`` beside ``path``, then renamed onto it: a
     concurrent start reads a whole file or none. A cache that cannot be written is logged, not raised
-    (it only costs the next start its work). Returns whether ``path`` was written."""
+    (it only costs the next start its work)."""
     partial = None
     try:
         handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -1062,12 +1066,10 @@ def _write_atomically(path: Path, write: Callable) -> bool:
             write(f)
         os.chmod(partial, 0o644)  # as the graphs beside it (mkstemp makes it readable by its owner only)
         os.replace(partial, path)
-        return True
     except Exception as err:  # noqa: BLE001
         if partial is not None:
             partial.unlink(missing_ok=True)
         logger.info("engine cache: could not write %s (%s: %s)", path.name, type(err).__name__, err)
-        return False
 
 
 MEASURING_LOCK = "choice-measuring.lock"
@@ -1079,9 +1081,9 @@ def _taking_turns(sweep: bool = False):
     recall-or-measure: workers that start together measure one at a time, and the later ones recall the
     first's choice. One lock for every kind of choice and every bundle: the probe's precision timed by one
     worker while another rechecks its engine, or two servers timing at once, would time each other's load.
-    Without a lock (no cache, no ``fcntl``), everyone goes on unlocked, as before. With ``sweep``, at the end, what no
-    start has used for 30 days is swept from the cache (:func:`sweep_unused`): the engine's choice
-    sweeps, the last step of a start to use the cache, once its graphs and records are marked."""
+    Without a lock (no cache, no ``fcntl``), everyone goes on unlocked, as before. With ``sweep``, at the
+    end, what no start has used for 30 days is swept from the cache (:func:`sweep_unused`): the engine's
+    choice sweeps, the last step of a start to use the cache, once its graphs and records are marked."""
     handle = None
     try:
         import fcntl
