@@ -30,7 +30,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 # What a user may ask for (``--precision``); ``cuda-bf16`` is what a legacy ``amp: true`` config did
 # (bf16 autocast on CUDA, fp32 on CPU) and is accepted from configs, not offered on the command line.
@@ -281,6 +281,146 @@ def _cpu_quota() -> float | None:
     except OSError:
         membership = "0::/"
     return cgroup_cpu_quota(membership)
+
+
+# ---- contention: what else used this process's CPUs while it measured --------------------------------
+# A timing is a statement about this machine only if nothing else had its CPUs meanwhile: another
+# process, a worker starting beside it, the hypervisor giving the time to another guest (steal) or a
+# cgroup quota throttling it. On these 2-core VMs a process keeping one core busy made a 2-thread
+# PyTorch timing up to 10x slower and turned bf16's 1.27x into 0.84x (README, Performance).
+CONTENDED_SHARE = 0.25  # of the usable CPUs' time, on average over the measurement
+CONTENDED_THROTTLED = 0.10  # of the measurement's time spent throttled by the cgroup's quota
+# /proc/stat's per-CPU columns: user nice system idle iowait irq softirq steal guest guest_nice.
+# guest and guest_nice are already in user and nice; idle and iowait are the idle time.
+_BUSY_COLUMNS = (0, 1, 2, 5, 6, 7)
+_IDLE_COLUMNS = (3, 4)
+
+
+def parse_proc_stat(text: str, cpus: Iterable[int] | None = None) -> tuple[int, int, int] | None:
+    """(busy, steal, total) clock ticks of ``cpus`` (their ``cpuN`` lines; every CPU when None) from
+    the text of ``/proc/stat``; busy includes steal. None where the text has none of those lines."""
+    wanted = None if cpus is None else {f"cpu{c}" for c in cpus}
+    busy = steal = total = 0
+    found = False
+    for line in text.splitlines():
+        name, _, rest = line.partition(" ")
+        if not (name.startswith("cpu") and name[3:].isdigit()) or (wanted is not None and name not in wanted):
+            continue
+        values = [int(v) for v in rest.split()]
+        values += [0] * (8 - len(values))  # old kernels write fewer columns
+        busy += sum(values[i] for i in _BUSY_COLUMNS)
+        steal += values[7]
+        total += sum(values[i] for i in (*_BUSY_COLUMNS, *_IDLE_COLUMNS))
+        found = True
+    return (busy, steal, total) if found else None
+
+
+def parse_throttled_seconds(text: str) -> float | None:
+    """Seconds a cgroup's tasks were throttled, from its ``cpu.stat``: cgroup v2 ``throttled_usec``,
+    v1 ``throttled_time`` (nanoseconds). None where neither is there."""
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            if name == "throttled_usec":
+                return int(value) / 1e6
+            if name == "throttled_time":
+                return int(value) / 1e9
+    return None
+
+
+def _cgroup_cpu_stat(membership: str, root: Path = Path("/sys/fs/cgroup")) -> Path | None:
+    """This process's own cgroup's ``cpu.stat`` (v2, else v1's cpu controller), where there is one."""
+    for line in membership.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            folders = [root / path.strip("/"), root]
+        elif "cpu" in controllers.split(","):
+            folders = [mount / path.strip("/")
+                       for mount in (root / controllers, root / "cpu", root / "cpu,cpuacct", root / "cpuacct,cpu")]
+        else:
+            continue
+        for folder in folders:
+            if (folder / "cpu.stat").is_file():
+                return folder / "cpu.stat"
+    return None
+
+
+@dataclass
+class CpuContention:
+    """What used this process's CPUs while a block ran (:func:`measuring_contention`): other processes
+    and the hypervisor (``others_share``: their part of the usable CPUs' time, on average), of which
+    ``steal_share`` was stolen by the hypervisor, and the time the cgroup's quota throttled it. A share
+    is None where it cannot be read (no ``/proc/stat``: not Linux), which counts as uncontended."""
+    cpus: int
+    seconds: float = 0.0
+    others_share: float | None = None
+    steal_share: float | None = None
+    throttled_share: float | None = None
+
+    @property
+    def contended(self) -> bool:
+        return ((self.others_share or 0.0) >= CONTENDED_SHARE
+                or (self.throttled_share or 0.0) >= CONTENDED_THROTTLED)
+
+    def describe(self) -> str:
+        if self.others_share is None:
+            return "unknown (no /proc/stat)"
+        parts = [f"{self.others_share:.0%} of this process's {self.cpus} CPU(s) used by others over {self.seconds:.1f} s"]
+        if self.steal_share:
+            parts.append(f"{self.steal_share:.0%} stolen by the hypervisor")
+        if self.throttled_share:
+            parts.append(f"throttled by the cgroup's CPU quota {self.throttled_share:.0%} of the time")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "contended": self.contended, "summary": self.describe()}
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()  # this process's threads, and its children once waited for
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def _contention_sample(cpus: list[int] | None, cpu_stat: Path | None) -> tuple:
+    """(wall clock, this process's CPU seconds, /proc/stat's ticks of ``cpus``, throttled seconds)."""
+    ticks = throttled = None
+    with contextlib.suppress(OSError, ValueError):
+        ticks = parse_proc_stat(Path("/proc/stat").read_text(), cpus)
+    if cpu_stat is not None:
+        with contextlib.suppress(OSError, ValueError):
+            throttled = parse_throttled_seconds(cpu_stat.read_text())
+    return time.perf_counter(), _own_cpu_seconds(), ticks, throttled
+
+
+@contextlib.contextmanager
+def measuring_contention() -> Iterator[CpuContention]:
+    """Measures what else used this process's CPUs (its affinity) while the block runs; the yielded
+    :class:`CpuContention` is filled in when the block ends."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    membership = ""
+    with contextlib.suppress(OSError):
+        membership = Path("/proc/self/cgroup").read_text()
+    cpu_stat = _cgroup_cpu_stat(membership)
+    result = CpuContention(cpus=len(cpus) if cpus else (os.cpu_count() or 1))
+    before = _contention_sample(cpus, cpu_stat)
+    try:
+        yield result
+    finally:
+        after = _contention_sample(cpus, cpu_stat)
+        result.seconds = round(after[0] - before[0], 3)
+        if before[2] is not None and after[2] is not None:
+            busy, steal, total = (a - b for a, b in zip(after[2], before[2]))
+            if total > 0:
+                tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+                capacity = total / tick  # CPU seconds the usable CPUs had over the block
+                own = after[1] - before[1]
+                result.others_share = round(min(1.0, max(0.0, busy / tick - own) / capacity), 3)
+                result.steal_share = round(steal / total, 3)
+        if before[3] is not None and after[3] is not None and result.seconds > 0:
+            # Summed over the CPUs' run queues that were throttled, hence per CPU of the block's time.
+            throttled = max(0.0, after[3] - before[3])
+            result.throttled_share = round(min(1.0, throttled / (result.seconds * result.cpus)), 3)
 
 
 def _cuda_devices(torch) -> tuple:
