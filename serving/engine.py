@@ -44,7 +44,8 @@ served (a user may knowingly want a batch-dependent path's speed), logged as a w
 The server does not measure at every start: :func:`remembered_engine` and :func:`remembered_ort_threads`
 keep what auto measured in the engine cache, and a later start on the same machine, with the same graph,
 settings and code (:func:`choice_key`), serves the kept engine once its safety is rechecked
-(``CAPT_ENGINE_RETUNE=1`` measures again).
+(``CAPT_ENGINE_RETUNE=1`` measures again). A choice measured while other processes loaded the CPUs is
+served but not kept (``cpu_contention`` in the report; ``CAPT_ENGINE_KEEP_CONTENDED=1`` keeps it).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from capt.hardware import Hardware, autocast_factory, reduced_dtype
+from capt.hardware import Hardware, autocast_factory, measuring_contention, reduced_dtype
 
 logger = logging.getLogger("capt.serving")
 
@@ -972,10 +973,14 @@ def choose_engine(bundle, hardware: Hardware, override: str | None = "auto", pro
 # were already made took 6.5-9.1 s measuring the threads and 13.7-14.8 s the engine, and a recalling
 # start 0.0 s and 3.9-5.3 s (``benchmarks.engine_startup``, two runs); 1.4 s once the self-test's class
 # embeddings were kept too (:func:`sample_class_embeddings`, one run).
-# ``CAPT_ENGINE_RETUNE=1`` measures again, and keeps what it measured. An explicit ``CAPT_ENGINE`` is
-# tested at every start. Workers starting together take turns (a file lock): the first measures, the
+# ``CAPT_ENGINE_RETUNE=1`` measures again, and keeps what it measured. A measurement during which other
+# processes used a quarter of the usable CPUs' time, or the cgroup's quota throttled a tenth of it
+# (:func:`capt.hardware.measuring_contention`), is served but not kept: timings taken beside a neighbour
+# would pin a choice for an idle machine, and nothing in the key sees load; ``CAPT_ENGINE_KEEP_CONTENDED=1``
+# keeps it anyway (a host that is always that busy). An explicit ``CAPT_ENGINE`` is tested at every start. Workers starting together take turns (a file lock): the first measures, the
 # others wait and recall, rather than all timing at once on the same cores.
 RETUNE_ENV = "CAPT_ENGINE_RETUNE"
+KEEP_CONTENDED_ENV = "CAPT_ENGINE_KEEP_CONTENDED"
 CHOICE_FORMAT = 1
 KERNEL_ENV_PREFIXES = ("ONEDNN_", "DNNL_", "OMP_", "KMP_", "MKL_", "GOMP_", "ORT_")
 _REPO = Path(__file__).resolve().parent.parent
@@ -1137,9 +1142,34 @@ def remembered(key: dict, measure: Callable[[], dict], usable: Callable[[dict], 
                     "recalled": {"measured_at": record["measured_at"], "file": record["file"],
                                  "seconds": value.get("seconds")},
                     "reason": f"{value.get('reason')} ({_recalled_note(record)})"}
+        report = _measured_and_kept(key, measure)
+    return report
+
+
+def _measured_and_kept(key: dict, measure: Callable[[], dict],
+                       keepable: Callable[[dict], bool] = lambda report: True) -> dict:
+    """``measure()``'s report with ``cpu_contention`` (what else used this process's CPUs meanwhile:
+    :func:`capt.hardware.measuring_contention`), kept for ``key`` unless ``keepable(report)`` says no or
+    the measurement was contended: a timing of other processes' load is not a fact about this machine,
+    and kept, it would decide every later start. A contended one serves this start only (``kept``:
+    false and ``not_kept`` in the report) and the next start measures again."""
+    with measuring_contention() as contention:
         report = measure()
+    report["cpu_contention"] = contention.to_dict()
+    if contention.contended and not keep_contended_requested():
+        report["kept"] = False
+        report["not_kept"] = (f"measured while {contention.describe()}: the next start measures again "
+                              f"({KEEP_CONTENDED_ENV}=1 keeps it)")
+        logger.warning("engine cache: not keeping the %s choice, %s", key.get("kind"), report["not_kept"])
+    elif keepable(report):
         keep_choice(key, report)
     return report
+
+
+def keep_contended_requested() -> bool:
+    """``CAPT_ENGINE_KEEP_CONTENDED=1``: keep choices measured under other processes' load too (a host
+    that is never idle would otherwise measure at every start)."""
+    return os.environ.get(KEEP_CONTENDED_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 def remembered_ort_threads(graph: Path, graph_digest: str, image_size: int, hardware: Hardware) -> dict:
@@ -1181,12 +1211,18 @@ def remembered_engine(bundle, hardware: Hardware, override: str | None = "auto",
             except Exception as err:  # noqa: BLE001 - a kept choice that no longer holds is measured again
                 logger.warning("image encoder: the choice kept in %s no longer holds (%s: %s); measuring again",
                                record["file"], type(err).__name__, err)
-        engine, report = choose_engine(bundle, hardware, "auto", providers, extra=extra)
-        if not any(row.get("machine_error") for row in report["candidates"]):
-            # Not a choice made while a path failed for a passing reason of the machine (a full disk, a
-            # permission); a path that fails for what it is (no TensorRT libraries) fails the same next time.
-            keep_choice(key, report)
-    return engine, report
+        chosen: list[ImageEngine] = []
+
+        def measure() -> dict:
+            engine, report = choose_engine(bundle, hardware, "auto", providers, extra=extra)
+            chosen.append(engine)
+            return report
+
+        # Not a choice made while a path failed for a passing reason of the machine (a full disk, a
+        # permission); a path that fails for what it is (no TensorRT libraries) fails the same next time.
+        report = _measured_and_kept(key, measure, lambda report: not any(row.get("machine_error")
+                                                                         for row in report["candidates"]))
+    return chosen[0], report
 
 
 def _recalled_engine(bundle, pool: dict[str, Candidate], record: dict, started: float) -> tuple[ImageEngine, dict]:

@@ -776,7 +776,7 @@ class ServingModel:
                 "image_engine": {**self.engine_report, "serving": self.engine.name},
                 "probe_precision": {"requested": self.limits.probe_precision, "used": self.probe_precision,
                                     "why": self.probe_precision_why,
-                                    **{k: v for k, v in self.probe_precision_report.items() if k in ("seconds", "recalled")},
+                                    **{k: v for k, v in self.probe_precision_report.items() if k in ("seconds", "recalled", "cpu_contention", "kept", "not_kept")},
                                     "note": "autocast of the attack steps; the final image is judged in fp32"},
                 "hardware": self.hardware.to_dict()}
 

@@ -7,6 +7,10 @@ os.environ["BENTOML_HOME"] = tempfile.mkdtemp(prefix="capt-tests-bentoml-")
 # The tests' own engine cache (derived graphs, measured choices: serving/engine.py): choices measured
 # under a test run's load are not recalled by a user's server, nor by the next test run.
 os.environ["CAPT_ENGINE_CACHE"] = tempfile.mkdtemp(prefix="capt-tests-engines-")
+# Choices are kept even when measured under load (steal time on a shared CI host, a server of the
+# previous test still exiting): tests of keeping and recalling must not depend on the machine's
+# neighbours. tests/test_contention.py unsets it.
+os.environ["CAPT_ENGINE_KEEP_CONTENDED"] = "1"
 
 import numpy as np
 import pytest
