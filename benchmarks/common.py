@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from capt import default_model
+from capt.hardware import parse_proc_stat
 from export.fingerprint import export_fingerprint
 from tools.launch import Server, bentoml_serve, png_bytes  # noqa: F401 - png_bytes: the scripts' upload encoder
 
@@ -114,19 +115,19 @@ def _version(*dists: str) -> str | None:
 
 
 def cpu_busy_fraction(seconds: float = 1.0) -> float | None:
-    """Fraction of all cores busy over ``seconds`` (from /proc/stat) while this process sleeps: other
+    """Fraction of all cores busy (steal included) over ``seconds`` while this process sleeps: other
     jobs' load. A 2-core machine with one core taken makes 2-thread PyTorch up to 10x slower."""
-    def sample() -> tuple[int, int]:
-        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-        idle = values[3] + values[4]  # idle + iowait
-        return sum(values) - idle, sum(values)
+    def sample() -> tuple[int, int, int] | None:
+        return parse_proc_stat(Path("/proc/stat").read_text())
     try:
-        busy0, total0 = sample()
+        before = sample()
         time.sleep(seconds)
-        busy1, total1 = sample()
-    except (OSError, ValueError, IndexError):
+        after = sample()
+    except (OSError, ValueError):
         return None
-    return round((busy1 - busy0) / max(1, total1 - total0), 3)
+    if before is None or after is None:
+        return None
+    return round((after[0] - before[0]) / max(1, after[2] - before[2]), 3)
 
 
 def hardware() -> dict:
