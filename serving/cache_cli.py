@@ -27,6 +27,20 @@ def _age(seconds: float) -> str:
     return f"{seconds:.0f} s"
 
 
+def _contention(entry: dict) -> str:
+    """What else used the CPUs while a kept choice was measured: a contended one is only kept with
+    CAPT_ENGINE_KEEP_CONTENDED=1, and its timings may not hold on an idle machine."""
+    contention = entry.get("cpu_contention")
+    if not contention or contention.get("others_share") is None:
+        return "CPU use of others not recorded"
+    share = f"others used {contention['others_share']:.0%} of the CPUs"
+    if contention.get("throttled_share"):
+        share += f", throttled {contention['throttled_share']:.0%}"
+    if contention.get("contended"):
+        share += " - CONTENDED, kept by CAPT_ENGINE_KEEP_CONTENDED; CAPT_ENGINE_RETUNE=1 on an idle machine measures again"
+    return share
+
+
 def _cache_folder() -> tuple[Path, str]:
     """The folder a server's start would use, without making or probing it as a start does, and where
     that comes from."""
@@ -79,7 +93,7 @@ def _engines(args) -> None:
             else:
                 measured = entry.get("measured_at") or "?"
                 state = "recallable here" if entry["current"] else "another code version or machine: never recalled"
-                line += f"  {entry['choice']}: {entry['chosen']} (measured {measured}; {state})"
+                line += f"  {entry['choice']}: {entry['chosen']} (measured {measured}, {_contention(entry)}; {state})"
         print(line)
 
 

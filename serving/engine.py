@@ -305,7 +305,8 @@ def cache_entries(folder: Path) -> list[dict]:
     """Every file and folder of the engine cache ``folder``: name, kind (``CACHE_KINDS``; "other" for
     anything else), bytes (a folder's files summed) and last use (seconds since the epoch; every use marks
     a file, :func:`mark_used`; for a folder, its newest file, which ONNX Runtime writes). A kept choice
-    also gives what it chose, when it was measured, and whether a start of this code on this machine
+    also gives what it chose, when it was measured, what else used the CPUs meanwhile (``cpu_contention``,
+    None in records older than that measurement), and whether a start of this code on this machine
     could still recall it (``current``: the code and machine of its key are these; its graph and settings
     are not checked here)."""
     entries = []
@@ -330,9 +331,12 @@ def cache_entries(folder: Path) -> list[dict]:
                     this_machine = _machine_key(detect())
                 sources = key.get("sources", CHOICE_SOURCES)
                 this_code = codes.setdefault(tuple(sources), _sources_digest(sources))
+                contention = value.get("cpu_contention")
                 entry.update(choice=key.get("kind"), chosen=str(value.get("engine", value.get("used"))),
                              measured_at=record.get("measured_at"),
-                             current=key.get("code") == this_code and key.get("machine") == this_machine)
+                             current=key.get("code") == this_code and key.get("machine") == this_machine,
+                             # None: kept before contention was measured (older records hold none)
+                             cpu_contention=contention if isinstance(contention, dict) else None)
             except Exception as err:  # noqa: BLE001 - an unreadable record is listed as such
                 entry.update(choice=None, error=f"{type(err).__name__}: {err}"[:200], current=False)
         entries.append(entry)

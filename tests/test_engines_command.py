@@ -37,6 +37,7 @@ def test_the_cache_is_listed_with_what_each_kept_choice_chose(default_bundle, ca
     (choice,) = [entry for entry in listing["entries"] if entry["kind"] == "kept choice"]
     assert choice["choice"] == "engine" and choice["chosen"] == engine.name == report["engine"]
     assert choice["current"] is True and choice["measured_at"]
+    assert choice["cpu_contention"] == report["cpu_contention"] and choice["cpu_contention"]["contended"] is False
     assert listing["bytes"] == sum(path.stat().st_size for path in cache.iterdir())
     # Measured on another machine (or by another version of the code): listed, never recalled here.
     monkeypatch.setattr(capt.hardware, "detect", lambda: Hardware.from_flags({"avx2"}, cpu_signature="family 25 model 1"))
@@ -45,6 +46,27 @@ def test_the_cache_is_listed_with_what_each_kept_choice_chose(default_bundle, ca
     assert main(["engines"]) == 0
     text = capsys.readouterr().out
     assert str(cache) in text and f"engine: {engine.name}" in text and "never recalled" in text
+    assert f"others used {report['cpu_contention']['others_share']:.0%} of the CPUs" in text
+
+
+def _kept_record(cache, name: str, value: dict) -> None:
+    key = {"kind": "engine", "code": "another version", "machine": {}, "sources": ["serving/engine.py"]}
+    (cache / f"choice-engine-{name}.json").write_text(json.dumps({"key": key, "measured_at": "2026-12-01T00:00:00+00:00",
+                                                                  "value": value}))
+
+
+def test_a_kept_choice_says_what_else_used_the_cpus_while_it_was_measured(cache, capsys):
+    busy = {"cpus": 2, "seconds": 3.0, "others_share": 0.6, "steal_share": 0.0, "throttled_share": 0.2,
+            "contended": True, "summary": "60% ..."}
+    _kept_record(cache, "0000000000000001", {"engine": "torch-bf16", "cpu_contention": busy})
+    _kept_record(cache, "0000000000000002", {"engine": "onnx-fp32"})  # kept before contention was measured
+    entries = {entry["chosen"]: entry for entry in _listing(capsys)["entries"]}
+    assert entries["torch-bf16"]["cpu_contention"] == busy and entries["onnx-fp32"]["cpu_contention"] is None
+    assert main(["engines"]) == 0
+    lines = {line.split("engine: ")[1].split(" ")[0]: line for line in capsys.readouterr().out.splitlines()
+             if "engine: " in line}
+    assert "others used 60% of the CPUs, throttled 20% - CONTENDED" in lines["torch-bf16"]
+    assert "CPU use of others not recorded" in lines["onnx-fp32"] and "CONTENDED" not in lines["onnx-fp32"]
 
 
 def test_an_unreadable_kept_choice_is_listed_as_such(cache, capsys):
