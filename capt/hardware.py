@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import math
 import os
 import platform
@@ -31,6 +32,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
 
 # What a user may ask for (``--precision``); ``cuda-bf16`` is what a legacy ``amp: true`` config did
 # (bf16 autocast on CUDA, fp32 on CPU) and is accepted from configs, not offered on the command line.
@@ -595,7 +598,8 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     seconds: dict[str, float] = {}
     ratios: list[float] = []  # fp32 / reduced, one per timed round
     started = time.perf_counter()
-    with torch.random.fork_rng(devices=[_cuda_index(device)] if kind == "cuda" else []):
+    with measuring_contention() as contention, \
+            torch.random.fork_rng(devices=[_cuda_index(device)] if kind == "cuda" else []):
         for round_ in range(TIMED_ROUNDS + 1):  # a warm-up round, then timed rounds, the precisions alternating
             this_round = {}
             for precision in ("fp32", offered):
@@ -615,6 +619,14 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[offered] * 1e3:.1f} ms "
               f"in {offered}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
               + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""))
+    if kind == "cpu" and contention.others_share is not None:
+        # The rounds alternate, so a neighbour's load slows both sides, but not always alike (AMX and the
+        # caches are shared): the record of a run says what the choice was measured beside.
+        timing += f"; meanwhile {contention.describe()}"
+        if contention.contended:
+            timing += " (contended: timed again on an idle machine, the choice may differ)"
+            logger.warning("precision auto was timed while %s: the choice may differ on an idle machine",
+                           contention.describe())
     if speedup >= MIN_PRECISION_GAIN:
         native = ("the CPU has native bf16: " + ", ".join(hardware.native_bf16_features)
                   if kind == "cpu" else precision_reason(device, hardware))

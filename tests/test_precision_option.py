@@ -253,3 +253,23 @@ def test_timing_auto_leaves_no_trace_in_the_run(tmp_path, colour_folder, monkeyp
     assert prompts_auto.keys() == prompts_exact.keys()
     for name in prompts_auto:
         assert torch.equal(prompts_auto[name], prompts_exact[name]), name
+
+
+@pytest.mark.parametrize("others_share, contended", [(0.02, False), (0.6, True)])
+def test_auto_says_what_else_used_the_cpus_while_it_was_timed(monkeypatch, caplog, others_share, contended):
+    """A run records what its precision was timed beside; a timing beside a neighbour's load says it
+    may not hold on an idle machine (and warns)."""
+    import contextlib
+    import capt.hardware
+    from capt.hardware import CpuContention, timed_precision
+
+    @contextlib.contextmanager
+    def fake_contention():
+        result = CpuContention(cpus=2)
+        yield result
+        result.seconds, result.others_share, result.steal_share = 1.0, others_share, 0.0
+    monkeypatch.setattr(capt.hardware, "measuring_contention", fake_contention)
+    with caplog.at_level("WARNING", logger="capt.hardware"):
+        precision, why = timed_precision(_step_taking(0.03, 0.01, [], monkeypatch), "cpu", BF16_CPU)
+    assert precision == "bf16" and f"meanwhile {others_share:.0%} of this process's 2 CPU(s) used by others" in why
+    assert ("contended" in why) is contended and any("timed while" in r.message for r in caplog.records) is contended
