@@ -152,6 +152,9 @@ class _TrainingStep(nn.Module):
         return clean_logits, adv_logits
 
 
+PRECISION_FILE = "precision.json"  # a timed auto's choice and why; config.yaml -> precision is what ran
+
+
 def _timed_training_precision(model: PromptedCLIP, tokens: torch.Tensor, config: TrainConfig, data,
                               device: torch.device) -> tuple[str, str]:
     """``timed_precision`` of one training step (the attack included) on the first few training images;
@@ -333,6 +336,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         frozen_text = reference.encode_labels(data.classnames)  # the hand prompt of f_0
 
     params = list(model.prompt_parameters().values())
+    precision_timing = None  # what a timed auto chose and why (the timing, what else used the CPUs)
     if (config.precision == "auto" and offered_precision(device) != "fp32" and not resume
             and not distributed.enabled):
         # The machine offers a reduced precision; whether it is faster for this model is measured (one
@@ -340,6 +344,7 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         # timed apart, they could choose differently.
         precision, why = _timed_training_precision(model, tokens, config, data, device)
         record["precision"] = precision
+        precision_timing = {"precision": precision, "why": why}
         logger.info("precision auto: %s", why)
         if progress and distributed.is_main:
             tqdm.write(f"precision auto: {why}")
@@ -366,6 +371,8 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
     elif distributed.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        if precision_timing is not None:
+            atomic_write_text(run_dir / PRECISION_FILE, json.dumps(precision_timing, indent=1) + "\n")
 
     loss_cfg, attack_cfg = config.loss, config.attack
     step = _TrainingStep(model, tokens, attack_cfg, clean_in_graph=loss_cfg.ce_on == "clean")

@@ -1,5 +1,7 @@
 """--precision auto|fp32|bf16|fp16: parsing, the legacy amp key, the resume check, and evaluation's
 attacks staying fp32 under auto."""
+import json
+
 import pytest
 import torch
 import yaml
@@ -93,6 +95,20 @@ def test_a_training_run_records_the_precision_it_used(tmp_path, colour_folder):
     with pytest.raises(ValueError, match="different configuration") as refused:
         train(auto, resume=True, progress=False)
     assert ("precision" in str(refused.value)) == (offered_precision("cpu") != "bf16")
+
+
+def test_a_timed_auto_run_records_its_choice_and_why(tmp_path, colour_folder, machine_offers_bf16):
+    """Where the machine offers bf16 (faked here, so on every CPU), auto times one step each way; the run
+    keeps what it chose and why (the timing and what else used the CPUs) in precision.json."""
+    from capt.train import PRECISION_FILE
+    config = TrainConfig.from_dict({
+        "model": "capt-tiny-vit", "pretrained": "none", "method": "apt", "device": "cpu", "precision": "auto",
+        "data": {"name": "imagefolder", "root": str(colour_folder), "split": "train"}, "shots": 2, "epochs": 1,
+        "batch_size": 3, "attack": {"eps": "1/255", "steps": 1}, "output_dir": str(tmp_path / "run")})
+    run = train(config, progress=False)
+    timing = json.loads((run / PRECISION_FILE).read_text())
+    assert timing["precision"] == yaml.safe_load((run / "config.yaml").read_text())["precision"]
+    assert "measured here: one step" in timing["why"] and "used by others" in timing["why"]
 
 
 def test_pretrain_precision_is_checked():
