@@ -576,6 +576,16 @@ MIN_PRECISION_GAIN = 1.10
 # bf16 in two runs an hour apart, and a single timing once chose bf16 for a run that then went 0.90x fp32.
 TIMED_ROUNDS = 3
 MIN_TIMED_ROUNDS = 2
+# Warm-up rounds (both precisions) until each side's latest step is within WARM_TOLERANCE of its fastest
+# so far: at least MIN_WARMUP_ROUNDS, at most MAX_WARMUP_ROUNDS, and no more once half the budget is
+# spent. One round was not enough: on an AMX Xeon (model 167, 2026-12-04) the pretraining step's fp32
+# side took 650-990 ms instead of ~420 ms in rounds 1-3 after its first bf16 step (glibc's allocator
+# still growing its mmap threshold for fp32's twice larger tensors: with MALLOC_MMAP_THRESHOLD_ fixed the
+# slow rounds all but vanished), so three timed rounds all showed bf16 1.26-2.15x, and auto chose bf16
+# for a run in which bf16 then went 0.96x fp32.
+MIN_WARMUP_ROUNDS = 2
+MAX_WARMUP_ROUNDS = 6
+WARM_TOLERANCE = 0.10
 
 
 def timed_precision(step: Callable[[], object], device, hardware: Hardware | None = None,
@@ -598,27 +608,41 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     seconds: dict[str, float] = {}
     ratios: list[float] = []  # fp32 / reduced, one per timed round
     started = time.perf_counter()
+    warmup = 0  # rounds spent warming up
+    fastest: dict[str, float] = {}  # each side's fastest warm-up step so far
+
+    def one_round() -> dict[str, float]:
+        this_round = {}
+        for precision in ("fp32", offered):  # the precisions alternating
+            t0 = time.perf_counter()
+            with autocast_factory(precision, device)():
+                step()
+            sync()
+            this_round[precision] = time.perf_counter() - t0
+        return this_round
+
     with measuring_contention() as contention, \
             torch.random.fork_rng(devices=[_cuda_index(device)] if kind == "cuda" else []):
-        for round_ in range(TIMED_ROUNDS + 1):  # a warm-up round, then timed rounds, the precisions alternating
-            this_round = {}
-            for precision in ("fp32", offered):
-                t0 = time.perf_counter()
-                with autocast_factory(precision, device)():
-                    step()
-                sync()
-                this_round[precision] = time.perf_counter() - t0
-            if round_:
-                ratios.append(this_round["fp32"] / this_round[offered])
-                for precision, taken in this_round.items():
-                    seconds[precision] = min(seconds.get(precision, math.inf), taken)
-                if round_ >= MIN_TIMED_ROUNDS and time.perf_counter() - started > budget_s:
-                    break
+        while warmup < MAX_WARMUP_ROUNDS:  # warm-up rounds until both sides have settled
+            this_round = one_round()
+            warmup += 1
+            settled = all(taken <= fastest.get(p, math.inf) * (1 + WARM_TOLERANCE) for p, taken in this_round.items())
+            fastest = {p: min(fastest.get(p, math.inf), taken) for p, taken in this_round.items()}
+            if warmup >= MIN_WARMUP_ROUNDS and (settled or time.perf_counter() - started > budget_s / 2):
+                break
+        for round_ in range(1, TIMED_ROUNDS + 1):  # then the timed rounds
+            this_round = one_round()
+            ratios.append(this_round["fp32"] / this_round[offered])
+            for precision, taken in this_round.items():
+                seconds[precision] = min(seconds.get(precision, math.inf), taken)
+            if round_ >= MIN_TIMED_ROUNDS and time.perf_counter() - started > budget_s:
+                break
     # Every timed round must show the gain: on a VM whose speed drifts, one lucky round is not a gain.
     speedup = min(ratios)
     timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[offered] * 1e3:.1f} ms "
               f"in {offered}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
-              + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else ""))
+              + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else "")
+              + f" after {warmup} warm-up round(s)")
     if kind == "cpu" and contention.others_share is not None:
         # The rounds alternate, so a neighbour's load slows both sides, but not always alike (AMX and the
         # caches are shared): the record of a run says what the choice was measured beside.

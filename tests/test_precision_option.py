@@ -219,16 +219,39 @@ def test_auto_takes_bf16_only_if_every_timed_round_shows_the_gain(monkeypatch):
     """A VM's speed drifts between rounds: one round at 1.3x and one at 1.0x is no gain."""
     import capt.hardware
     from capt.hardware import timed_precision
-    clock, rounds = [0.0], iter([(0.01, 0.01)] + [(0.013, 0.01), (0.010, 0.01), (0.013, 0.01)])  # warm-up first
-    pending = []
+    warmup = [(0.01, 0.01), (0.01, 0.01)]  # two settled warm-up rounds first
+    step = _rounds_taking(warmup + [(0.013, 0.01), (0.010, 0.01), (0.013, 0.01)], monkeypatch)
+    precision, why = timed_precision(step, "cpu", BF16_CPU)
+    assert precision == "fp32" and "1.00x in its worst of 3 round(s) (1.30x, 1.00x, 1.30x)" in why
+    assert "after 2 warm-up round(s)" in why
+
+
+def _rounds_taking(rounds, monkeypatch):
+    """A step whose (fp32, reduced) seconds on a fake clock are, round after round, ``rounds``."""
+    import capt.hardware
+    clock, rounds, pending = [0.0], iter(rounds), []
 
     def step():
         if not torch.is_autocast_enabled("cpu"):
             pending[:] = next(rounds)
         clock[0] += pending[1] if torch.is_autocast_enabled("cpu") else pending[0]
     monkeypatch.setattr(capt.hardware.time, "perf_counter", lambda: clock[0])
-    precision, why = timed_precision(step, "cpu", BF16_CPU)
-    assert precision == "fp32" and "1.00x in its worst of 3 round(s) (1.30x, 1.00x, 1.30x)" in why
+    return step
+
+
+def test_auto_warms_up_until_both_precisions_have_settled(monkeypatch):
+    """As measured on an AMX Xeon's pretraining step: fp32 ran 2-3x slower for a few rounds after the first
+    bf16 step, then as fast as bf16. Timed in those rounds, bf16 "won" every one; warmed up until each side
+    is back within 10% of its fastest, the timing sees the steady 1.01x and keeps fp32."""
+    from capt.hardware import MAX_WARMUP_ROUNDS, timed_precision
+    slow_phase = [(0.01, 0.01), (0.03, 0.01), (0.03, 0.01), (0.03, 0.01), (0.01, 0.01)]
+    precision, why = timed_precision(_rounds_taking(slow_phase + [(0.0101, 0.01)] * 3, monkeypatch), "cpu", BF16_CPU)
+    assert precision == "fp32" and "after 5 warm-up round(s)" in why and "1.01x in its worst of 3" in why
+    # A side that never settles stops the warm-up at its cap; the timed rounds follow.
+    never = [(0.01 * 2 ** i, 0.01) for i in range(MAX_WARMUP_ROUNDS)]
+    precision, why = timed_precision(_rounds_taking(never + [(0.03, 0.01)] * 3, monkeypatch), "cpu", BF16_CPU,
+                                     budget_s=1e9)
+    assert precision == "bf16" and f"after {MAX_WARMUP_ROUNDS} warm-up round(s)" in why
 
 
 def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, colour_folder, monkeypatch, machine_offers_bf16):
