@@ -40,8 +40,9 @@ def main() -> None:
                                      "threads_seconds": result["ort_threads_report"]["seconds"],
                                      "engine_seconds": report["seconds"], "engine_phases_seconds": phases,
                                      "recalled": "recalled" in report,
-                                     # a measurement beside other load is served but not kept (not recalled)
-                                     "cpu_contention": (report.get("cpu_contention") or {}).get("summary"),
+                                     # a measurement beside other load is served but not kept (not recalled);
+                                     # a recalled start carries the contention of the start that measured
+                                     "cpu_contention_when_measured": (report.get("cpu_contention") or {}).get("summary"),
                                      "not_kept": report.get("not_kept"),
                                      "onnx-int8": int8.get("verdict", "")[:160]}))
         print("cache:", sorted(p.name for p in Path(cache).iterdir()))

@@ -577,8 +577,10 @@ MIN_PRECISION_GAIN = 1.10
 TIMED_ROUNDS = 3
 MIN_TIMED_ROUNDS = 2
 # Warm-up rounds (both precisions) until each side's latest step is within WARM_TOLERANCE of its fastest
-# so far: at least MIN_WARMUP_ROUNDS, at most MAX_WARMUP_ROUNDS, and no more once half the budget is
-# spent. One round was not enough: on an AMX Xeon (model 167, 2026-12-04) the pretraining step's fp32
+# before it, either way (a step still getting faster has not settled either: a cold first round is
+# usually the slowest): at least MIN_WARMUP_ROUNDS, at most MAX_WARMUP_ROUNDS, and no more once half
+# the budget is spent. So whatever the budget, at least 2 warm-up and 2 timed rounds run (4 steps
+# each way: a slow model's timing outlasts the budget). One round was not enough: on an AMX Xeon (model 167, 2026-12-04) the pretraining step's fp32
 # side took 650-990 ms instead of ~420 ms in rounds 1-3 after its first bf16 step (glibc's allocator
 # still growing its mmap threshold for fp32's twice larger tensors: with MALLOC_MMAP_THRESHOLD_ fixed the
 # slow rounds all but vanished), so three timed rounds all showed bf16 1.26-2.15x, and auto chose bf16
@@ -626,7 +628,8 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
         while warmup < MAX_WARMUP_ROUNDS:  # warm-up rounds until both sides have settled
             this_round = one_round()
             warmup += 1
-            settled = all(taken <= fastest.get(p, math.inf) * (1 + WARM_TOLERANCE) for p, taken in this_round.items())
+            settled = all(before / (1 + WARM_TOLERANCE) <= taken <= before * (1 + WARM_TOLERANCE)
+                          for p, taken in this_round.items() for before in [fastest.get(p, math.inf)])
             fastest = {p: min(fastest.get(p, math.inf), taken) for p, taken in this_round.items()}
             if warmup >= MIN_WARMUP_ROUNDS and (settled or time.perf_counter() - started > budget_s / 2):
                 break
@@ -642,7 +645,7 @@ def timed_precision(step: Callable[[], object], device, hardware: Hardware | Non
     timing = (f"measured here: one step {seconds['fp32'] * 1e3:.1f} ms in fp32, {seconds[offered] * 1e3:.1f} ms "
               f"in {offered}, {speedup:.2f}x in its worst of {len(ratios)} round(s)"
               + (f" ({', '.join(f'{r:.2f}x' for r in ratios)})" if len(ratios) > 1 else "")
-              + f" after {warmup} warm-up round(s)")
+              + f" after {warmup} warm-up round(s)" + ("" if settled else " (not settled)"))
     if kind == "cpu" and contention.others_share is not None:
         # The rounds alternate, so a neighbour's load slows both sides, but not always alike (AMX and the
         # caches are shared): the record of a run says what the choice was measured beside.

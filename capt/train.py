@@ -370,9 +370,11 @@ def _train(config: TrainConfig, device: torch.device, distributed: _Distributed,
         start_epoch, global_step = trainer_state["epoch"], trainer_state["global_step"]
     elif distributed.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(record, sort_keys=False))
         if precision_timing is not None:
-            atomic_write_text(run_dir / PRECISION_FILE, json.dumps(precision_timing, indent=1) + "\n")
+            atomic_write_text(run_dir / PRECISION_FILE, json.dumps(precision_timing, indent=2) + "\n")
+        else:  # a fresh start in a folder an earlier, unfinished timed run left: its choice is not this run's
+            (run_dir / PRECISION_FILE).unlink(missing_ok=True)
 
     loss_cfg, attack_cfg = config.loss, config.attack
     step = _TrainingStep(model, tokens, attack_cfg, clean_in_graph=loss_cfg.ce_on == "clean")

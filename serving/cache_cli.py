@@ -31,8 +31,10 @@ def _contention(entry: dict) -> str:
     """What else used the CPUs while a kept choice was measured: a contended one is only kept with
     CAPT_ENGINE_KEEP_CONTENDED=1, and its timings may not hold on an idle machine."""
     contention = entry.get("cpu_contention")
-    if not contention or contention.get("others_share") is None:
+    if not contention:
         return "CPU use of others not recorded"
+    if contention.get("others_share") is None:
+        return "CPU use of others unknown (no /proc/stat where it was measured)"
     share = f"others used {contention['others_share']:.0%} of the CPUs"
     if contention.get("throttled_share"):
         share += f", throttled {contention['throttled_share']:.0%}"

@@ -37,7 +37,8 @@ def test_the_cache_is_listed_with_what_each_kept_choice_chose(default_bundle, ca
     (choice,) = [entry for entry in listing["entries"] if entry["kind"] == "kept choice"]
     assert choice["choice"] == "engine" and choice["chosen"] == engine.name == report["engine"]
     assert choice["current"] is True and choice["measured_at"]
-    assert choice["cpu_contention"] == report["cpu_contention"] and choice["cpu_contention"]["contended"] is False
+    # (whatever the load while it ran: the tests keep contended choices, conftest.py)
+    assert choice["cpu_contention"] == report["cpu_contention"] and "contended" in choice["cpu_contention"]
     assert listing["bytes"] == sum(path.stat().st_size for path in cache.iterdir())
     # Measured on another machine (or by another version of the code): listed, never recalled here.
     monkeypatch.setattr(capt.hardware, "detect", lambda: Hardware.from_flags({"avx2"}, cpu_signature="family 25 model 1"))
@@ -60,6 +61,8 @@ def test_a_kept_choice_says_what_else_used_the_cpus_while_it_was_measured(cache,
             "contended": True, "summary": "60% ..."}
     _kept_record(cache, "0000000000000001", {"engine": "torch-bf16", "cpu_contention": busy})
     _kept_record(cache, "0000000000000002", {"engine": "onnx-fp32"})  # kept before contention was measured
+    unknown = {"cpus": 2, "seconds": 3.0, "others_share": None, "contended": False, "summary": "unknown"}
+    _kept_record(cache, "0000000000000003", {"engine": "onnx-int8", "cpu_contention": unknown})  # no /proc/stat
     entries = {entry["chosen"]: entry for entry in _listing(capsys)["entries"]}
     assert entries["torch-bf16"]["cpu_contention"] == busy and entries["onnx-fp32"]["cpu_contention"] is None
     assert main(["engines"]) == 0
@@ -67,6 +70,7 @@ def test_a_kept_choice_says_what_else_used_the_cpus_while_it_was_measured(cache,
              if "engine: " in line}
     assert "others used 60% of the CPUs, throttled 20% - CONTENDED" in lines["torch-bf16"]
     assert "CPU use of others not recorded" in lines["onnx-fp32"] and "CONTENDED" not in lines["onnx-fp32"]
+    assert "CPU use of others unknown" in lines["onnx-int8"]
 
 
 def test_an_unreadable_kept_choice_is_listed_as_such(cache, capsys):

@@ -1,5 +1,6 @@
 """--precision auto|fp32|bf16|fp16: parsing, the legacy amp key, the resume check, and evaluation's
 attacks staying fp32 under auto."""
+import dataclasses
 import json
 
 import pytest
@@ -109,6 +110,14 @@ def test_a_timed_auto_run_records_its_choice_and_why(tmp_path, colour_folder, ma
     timing = json.loads((run / PRECISION_FILE).read_text())
     assert timing["precision"] == yaml.safe_load((run / "config.yaml").read_text())["precision"]
     assert "measured here: one step" in timing["why"] and "used by others" in timing["why"]
+    # A fresh fp32 start in a folder where a timed run stopped before its first checkpoint: that run's
+    # choice must not stay beside this run's config.yaml.
+    stale = tmp_path / "unfinished"
+    stale.mkdir()
+    (stale / PRECISION_FILE).write_text((run / PRECISION_FILE).read_text())
+    train(dataclasses.replace(config, precision="fp32", output_dir=str(stale)), progress=False)
+    assert yaml.safe_load((stale / "config.yaml").read_text())["precision"] == "fp32"
+    assert not (stale / PRECISION_FILE).exists()
 
 
 def test_pretrain_precision_is_checked():
@@ -247,11 +256,31 @@ def test_auto_warms_up_until_both_precisions_have_settled(monkeypatch):
     slow_phase = [(0.01, 0.01), (0.03, 0.01), (0.03, 0.01), (0.03, 0.01), (0.01, 0.01)]
     precision, why = timed_precision(_rounds_taking(slow_phase + [(0.0101, 0.01)] * 3, monkeypatch), "cpu", BF16_CPU)
     assert precision == "fp32" and "after 5 warm-up round(s)" in why and "1.01x in its worst of 3" in why
-    # A side that never settles stops the warm-up at its cap; the timed rounds follow.
+    assert "(not settled)" not in why
+    # A side that never settles stops the warm-up at its cap (the fake clock stays far under half the
+    # budget), says so, and the timed rounds follow.
     never = [(0.01 * 2 ** i, 0.01) for i in range(MAX_WARMUP_ROUNDS)]
-    precision, why = timed_precision(_rounds_taking(never + [(0.03, 0.01)] * 3, monkeypatch), "cpu", BF16_CPU,
-                                     budget_s=1e9)
-    assert precision == "bf16" and f"after {MAX_WARMUP_ROUNDS} warm-up round(s)" in why
+    precision, why = timed_precision(_rounds_taking(never + [(0.03, 0.01)] * 3, monkeypatch), "cpu", BF16_CPU)
+    assert precision == "bf16" and f"after {MAX_WARMUP_ROUNDS} warm-up round(s) (not settled)" in why
+
+
+def test_a_step_still_getting_faster_has_not_settled(monkeypatch):
+    """A cold first round is usually the slowest, so "within 10% of the fastest so far" alone would call
+    any faster round settled. Here bf16 (twice as fast as fp32 once warm) speeds up over five rounds: a
+    warm-up that stopped at its second round would time rounds 3-5 at 0.67x, 1.00x, 2.00x and keep fp32."""
+    from capt.hardware import timed_precision
+    cold_bf16 = [(0.02, b) for b in (0.06, 0.045, 0.03, 0.02, 0.01, 0.01)] + [(0.02, 0.01)] * 3
+    precision, why = timed_precision(_rounds_taking(cold_bf16, monkeypatch), "cpu", BF16_CPU)
+    assert precision == "bf16" and "2.00x in its worst of 3" in why
+    assert "after 6 warm-up round(s)" in why and "(not settled)" not in why
+
+
+def test_a_slow_step_stops_warming_up_at_half_the_budget(monkeypatch):
+    """Whatever the budget, 2 warm-up and 2 timed rounds run; past half the budget no more warm-up."""
+    from capt.hardware import timed_precision
+    slow = [(0.01 * 2 ** i, 0.01) for i in range(6)] + [(0.03, 0.01)] * 3
+    precision, why = timed_precision(_rounds_taking(slow, monkeypatch), "cpu", BF16_CPU, budget_s=0.05)
+    assert "after 2 warm-up round(s) (not settled)" in why and "in its worst of 2 round(s)" in why
 
 
 def test_training_times_auto_once_and_a_resume_continues_its_choice(tmp_path, colour_folder, monkeypatch, machine_offers_bf16):
