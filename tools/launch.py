@@ -49,6 +49,13 @@ def _ready(url: str) -> bool:
     return False
 
 
+def bentoml_command() -> list[str]:
+    """This interpreter's ``bentoml``: the console script beside it (a venv), or ``python -m bentoml`` where
+    bentoml was installed without one (``pip install --target``, as on a lent GPU machine)."""
+    script = Path(sys.executable).with_name("bentoml")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "bentoml"]
+
+
 @contextlib.contextmanager
 def bentoml_serve(bundle: str | Path, log: Path, env: dict | None = None, ready_within: float = 180,
                   check: bool = True) -> Iterator[Server]:
@@ -63,10 +70,9 @@ def bentoml_serve(bundle: str | Path, log: Path, env: dict | None = None, ready_
     env = {**os.environ, "CAPT_BUNDLE": str(bundle), "HF_HUB_OFFLINE": "1",
            **({"BENTOML_HOME": own_home} if own_home else {}),
            **{key: str(value) for key, value in (env or {}).items()}}
-    bentoml = Path(sys.executable).with_name("bentoml")
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("w") as out:
-        process = subprocess.Popen([str(bentoml), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
+        process = subprocess.Popen([*bentoml_command(), "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
                                    stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
