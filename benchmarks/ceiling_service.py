@@ -42,6 +42,7 @@ from serving.middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_
     prepare_api_specs, redact_request_errors
 from serving.model import Limits
 from serving.service import Classifier
+from serving.sockets import spread_connections
 
 NAME = "ceiling"  # the service's name: BENTOML_CONFIG_OPTIONS="services.ceiling.workers=2" sets its workers
 ANSWER = {"predictions": [[{"label": "constant", "score": 1.0}]], "label_cache_hit": True}
@@ -85,3 +86,4 @@ Ceiling.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_reque
 Ceiling.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
 cancel_request_timers()
+spread_connections()  # each API worker after the first listens on a socket of its own (serving/sockets.py)

@@ -126,9 +126,10 @@ def check_bentoml_version() -> str:
                        f"this release and set {ALLOW_UNVERIFIED_ENV}=1")
 
 
-def _refuse_patch(what: str, problem: str, consequence: str = "would reopen the hole it closes") -> RuntimeError:
+def _refuse_patch(what: str, problem: str, consequence: str = "would reopen the hole it closes",
+                  where: str = "serving/middleware.py") -> RuntimeError:
     return RuntimeError(f"cannot patch BentoML {_bentoml_version()}: {what} {problem}; serving without this "
-                        f"patch {consequence} (see serving/middleware.py), so the server stops")
+                        f"patch {consequence} (see {where}), so the server stops")
 
 
 def _names_used(code: types.CodeType) -> set[str]:

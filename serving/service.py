@@ -41,6 +41,7 @@ from .heap import freeze_startup_heap
 from .middleware import BodySizeLimit, MultipartBoundaryRequired, cancel_request_timers, harden_multipart, \
     prepare_api_specs, redact_request_errors
 from .model import DEFAULT_ATTACK, Limits, ServingModel, validate_labels
+from .sockets import spread_connections, spreading_requested
 
 logger = logging.getLogger("capt.serving")
 # What a start chose and did (the image engine and why, a kept choice recalled, the engine cache swept)
@@ -249,7 +250,8 @@ class Classifier:
 
     @bentoml.api(route="/info")
     def info(self) -> dict:
-        return {**self.model.info(), "server": {"event_loop": self.event_loop, "http_parser": http_parser()}}
+        return {**self.model.info(), "server": {"event_loop": self.event_loop, "http_parser": http_parser(),
+                                                "listening_socket_per_worker": spreading_requested()}}
 
 
 prepare_api_specs(Classifier)
@@ -258,6 +260,7 @@ Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_re
 Classifier.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
 cancel_request_timers()
+spread_connections()  # each API worker after the first listens on a socket of its own (serving/sockets.py)
 Classifier.mount_asgi_app(huggingface.create_app(bentoml.get_current_service), path=huggingface.MOUNT)
 Classifier.mount_asgi_app(openai_api.create_app(bentoml.get_current_service), path=openai_api.MOUNT)
 from .ui import ui_app  # noqa: E402 - the /ui page (serving/static/), served by this process

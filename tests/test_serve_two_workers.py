@@ -1,10 +1,14 @@
-"""Two API workers of a real `bentoml serve` starting together on a fresh engine cache: they take
+"""Two API workers of a real `bentoml serve`: starting together on a fresh engine cache they take
 turns (serving/engine.py's flock), so the first measures the engine choice and the ONNX Runtime
-threads and the second recalls what the first kept, and both serve the same engine."""
+threads and the second recalls what the first kept, and both serve the same engine; and connections
+opened at once are spread over both (serving/sockets.py)."""
 import re
+import socket
+import sys
 import time
 
 import httpx
+import pytest
 
 from conftest import TEST_LIMITS, bentoml_serve
 
@@ -28,3 +32,47 @@ def test_two_workers_measure_once_and_the_second_recalls(default_bundle, tmp_pat
         assert sorted("measured by an earlier start" in reason for _, reason in lines) == [False, True], lines
         engines = {httpx.post(f"{server.url}/info", json={}).json()["image_engine"]["engine"] for _ in range(8)}
         assert engines == {lines[0][0]}
+
+
+def _workers(server):
+    import psutil
+    return [p for p in psutil.Process(server.process.pid).children(recursive=True)
+            if any("_bentoml_impl.worker.service" in arg for arg in p.cmdline())]
+
+
+def _listening_sockets(worker, port) -> set[int]:
+    """The inodes of ``worker``'s listening sockets on ``port``: one shared socket has one inode."""
+    import os
+
+    import psutil
+    return {os.stat(f"/proc/{worker.pid}/fd/{c.fd}").st_ino for c in worker.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances connections on Linux only")
+def test_connections_opened_at_once_are_spread_over_both_workers(default_bundle, tmp_path):
+    """With BentoML's one shared socket, 32 connections opened at once all went to one worker (32 / 0,
+    measured); with a listening socket of each worker's own (serving/sockets.py), the kernel spreads them."""
+    import psutil
+    env = {**TEST_LIMITS, "BENTOML_CONFIG_OPTIONS": "services.capt.workers=2"}
+    with bentoml_serve(default_bundle, tmp_path / "serve.log", env) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 120
+        while (len(_engine_lines(server.log)) < 2 or len(_workers(server)) < 2) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        workers = _workers(server)
+        assert len(workers) == 2, server.log.read_text()[-3000:]
+        first, second = (_listening_sockets(worker, port) for worker in workers)
+        assert len(first) == len(second) == 1 and first != second  # each its own socket
+        connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(32)]
+        try:
+            for connection in connections:  # one request on each: every connection was accepted and served
+                connection.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert all(connection.recv(64).startswith(b"HTTP/1.1 200") for connection in connections)
+            served = [sum(1 for c in worker.net_connections(kind="tcp")
+                          if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port) for worker in workers]
+        finally:
+            for connection in connections:
+                connection.close()
+        # Hashed onto 2 sockets, fewer than 4 of 32 on one happens with probability ~2e-6.
+        assert sum(served) == 32 and min(served) >= 4, served

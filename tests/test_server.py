@@ -27,7 +27,8 @@ def test_health_and_metrics(server):
     assert {"max_image_pixels", "max_upload_bytes", "max_labels", "max_probe_eps", "max_probe_steps",
             "max_concurrent_probes"} <= set(info["limits"])
     # The C event loop and HTTP parser (requirements.txt), not asyncio's and h11's pure Python.
-    assert info["server"] == {"event_loop": "uvloop" if sys.platform != "win32" else "asyncio", "http_parser": "httptools"}
+    assert info["server"] == {"event_loop": "uvloop" if sys.platform != "win32" else "asyncio", "http_parser": "httptools",
+                              "listening_socket_per_worker": sys.platform.startswith("linux")}
 
 
 def test_two_label_sets_two_answers(server):
