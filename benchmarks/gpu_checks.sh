@@ -9,7 +9,8 @@
 # The device call:  command "bash benchmarks/gpu_checks.sh run", carry [".whl"], timeout_s 600.
 # On a CUDA machine with the project installed (`make install`), `run` needs no wheels.
 #
-# What `run` does (under 10 minutes: its parts' timeouts add to 560 s; ~2.5 minutes on 2 CPU cores, where
+# Each part is stopped with SIGINT at its timeout (Python's cleanup runs: a benchmark's server is stopped), killed 10 s later.
+# What `run` does (under 10 minutes: its parts' timeouts add to 530 s, 580 with their 10 s grace; ~2.5 minutes on 2 CPU cores, where
 # the GPU parts skip):
 #   1. capt info (the machine and what auto means on it)          -> the log
 #   2. python -m benchmarks.gpu: ViT-B-32 at batch 1/64/256, ONNX Runtime CUDA fp32/fp16 and TensorRT
@@ -60,7 +61,7 @@ wheels() {
         if [[ " $(echo $IMAGE_HAS) " == *" $name "* ]]; then rm "$wheel"; fi
     done
     local tree_bytes wheel_bytes
-    tree_bytes=$(git ls-files -z | xargs -0 du -cb 2>/dev/null | tail -1 | cut -f1)
+    tree_bytes=$(git ls-files -z | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
     wheel_bytes=$(du -cb "$dir"/*.whl | tail -1 | cut -f1)
     echo "$(ls "$dir" | wc -l) wheels, $((wheel_bytes / 1048576)) MiB, in $dir; with the tracked tree" \
          "($((tree_bytes / 1048576)) MiB) a call carries $(((tree_bytes + wheel_bytes) / 1048576)) MiB of its 64"
@@ -74,6 +75,7 @@ run() {
     local out=${OUT:-/tmp/gpu-checks}
     mkdir -p "$out"
     exec > >(tee "$out/log.txt") 2>&1
+    local tee_pid=$!
     export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     local python=python3
     if [[ -x .venv/bin/python ]]; then
@@ -86,28 +88,31 @@ run() {
     echo "== $(date -u +%FT%TZ) python: $("$python" -V 2>&1); $(nvidia-smi --query-gpu=name,driver_version,memory.total \
          --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
     step 20 "$python" -m capt.cli info
-    bench 220 gpu
-    bench 140 photos
+    bench 200 gpu
+    bench 130 photos
     bench 90 precision CAPT_BENCH_DEVICE=cuda
     step 90 "$python" -m pytest -q -p no:cacheprovider tests/test_hardware.py tests/test_precision_option.py \
         tests/test_engine.py
     echo "== $(date -u +%FT%TZ) done; files: $(ls "$out" | tr '\n' ' ')"
+    exec >&- 2>&-
+    wait "$tee_pid"  # the log's last lines are in the file before the call collects $out
 }
 
 bench() {  # bench SECONDS NAME [VAR=VALUE...]: python -m benchmarks.NAME into $out/NAME.json and .md; its table (stderr) logged
     local seconds=$1 name=$2 started=$SECONDS status
     shift 2
     echo "== $(date -u +%T) $* benchmarks.$name"
-    env "$@" timeout "$seconds" "$python" -m "benchmarks.$name" --output "$out/$name.json" > /dev/null; status=$?
-    echo "== exit $status after $((SECONDS - started)) s$([[ $status == 124 ]] && echo " (past its $seconds s)")"
+    env "$@" timeout -s INT -k 10 "$seconds" "$python" -m "benchmarks.$name" --output "$out/$name.json" > /dev/null
+    status=$?
+    echo "== exit $status after $((SECONDS - started)) s$([[ $status == 124 || $status == 137 ]] && echo " (past its $seconds s)")"
 }
 
 step() {  # step SECONDS COMMAND...: one check, bounded, its status logged; a failure does not stop the rest
     local seconds=$1 started=$SECONDS status
     shift
     echo "== $(date -u +%T) $*"
-    timeout "$seconds" "$@"; status=$?
-    echo "== exit $status after $((SECONDS - started)) s$([[ $status == 124 ]] && echo " (past its $seconds s)")"
+    timeout -s INT -k 10 "$seconds" "$@"; status=$?
+    echo "== exit $status after $((SECONDS - started)) s$([[ $status == 124 || $status == 137 ]] && echo " (past its $seconds s)")"
 }
 
 case "${1:-}" in

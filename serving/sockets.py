@@ -6,9 +6,17 @@ them all: with the 32 keep-alive connections `wrk` opens at once, one worker of 
 most of the ceiling benchmark's rounds, and a load balancer that keeps few long-lived connections can
 land them all on one worker. (BentoML's issue #5426, open.) With ``SO_REUSEPORT`` Linux hashes each new
 connection onto one of several listening sockets bound to the same address, so here the arbiter's
-socket gets the option before it is bound, worker 1 serves it as before, and every other worker binds
-and serves a socket of its own with the option (``spread_connections``). Only processes of the same
-user can join such a group. ``CAPT_SPREAD_CONNECTIONS=0`` keeps BentoML's one shared socket.
+socket gets the option before it is bound, and every worker serves it as before and, beside it, a
+socket of its own with the option (``spread_connections``). The shared socket stays drained by every
+live worker (a group member no process accepts from would leave its share of clients hanging: a
+worker that died and is not respawned, a reload that renumbers the workers), and a worker's own
+socket is only bound here: uvicorn's event loop listens on it once the app has started, so no
+connection waits in it through a worker's start. With N workers a connection lands on the shared
+socket with probability 1/(N+1), and on each worker's own otherwise. A worker that stops resets the
+connections still queued on its own socket (Linux's ``net.ipv4.tcp_migrate_req=1`` moves them to the
+others instead). Only processes of the same user can join such a group, but any of them can: a second
+server of the same user started on the port shares its connections instead of failing with "address
+in use". ``CAPT_SPREAD_CONNECTIONS=0`` keeps BentoML's one shared socket.
 
 It patches two things, checked when it is applied (it fails closed, as the patches of
 ``serving/middleware.py`` do): ``circus.sockets.CircusSocket.__init__`` (the arbiter's socket; circus's
@@ -41,15 +49,14 @@ def spreading_requested() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def own_listening_socket(inherited: socket.socket, backlog: int) -> socket.socket:
-    """A listening socket of this process's own at ``inherited``'s address (which must have
-    SO_REUSEPORT); what the caller serves instead of ``inherited``."""
-    own = socket.socket(inherited.family, inherited.type, inherited.proto)
+def own_socket(shared: socket.socket) -> socket.socket:
+    """A socket of this process's own bound at ``shared``'s address (which must have SO_REUSEPORT), not
+    yet listening: the caller serves it beside ``shared``, and whoever serves it listens on it."""
+    own = socket.socket(shared.family, shared.type, shared.proto)
     try:
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        own.bind(inherited.getsockname())
-        own.listen(backlog)
+        own.bind(shared.getsockname())
         own.setblocking(False)
     except OSError:
         own.close()
@@ -58,8 +65,8 @@ def own_listening_socket(inherited: socket.socket, backlog: int) -> socket.socke
 
 
 def spread_connections() -> None:
-    """Patch the arbiter's API socket to take SO_REUSEPORT, and API workers after the first to serve a
-    socket of their own at its address. Harmless to call again, and in every process (each patch acts
+    """Patch the arbiter's API socket to take SO_REUSEPORT, and every API worker to serve a socket of its
+    own at its address beside it. Harmless to call again, and in every process (each patch acts
     in its own process only). Does nothing off Linux or with ``CAPT_SPREAD_CONNECTIONS=0``."""
     if not spreading_requested():
         return
@@ -91,15 +98,14 @@ def spread_connections() -> None:
         CircusSocket.__init__ = init_reusing_port
     if not getattr(uvicorn.Server.run, "_capt_patch", False):
         @_ours(run)
-        def run_on_own_socket(self, sockets=None):
+        def run_on_own_socket_too(self, sockets=None):
             index = server_context.worker_index
-            if sockets and len(sockets) == 1 and index is not None and index > 1:
-                inherited = sockets[0]
-                if inherited.family in (socket.AF_INET, socket.AF_INET6) and \
-                        inherited.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
-                    sockets = [own_listening_socket(inherited, self.config.backlog)]  # BentoML's --backlog
-                    inherited.close()  # this process's copy: the arbiter and worker 1 keep theirs
-                    logger.info("API worker %d serves its own listening socket at %s (SO_REUSEPORT)",
-                                index, sockets[0].getsockname())
+            if sockets and len(sockets) == 1 and index is not None:
+                shared = sockets[0]
+                if shared.family in (socket.AF_INET, socket.AF_INET6) and \
+                        shared.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+                    sockets = [shared, own_socket(shared)]  # uvicorn listens on both after the app's start
+                    logger.info("API worker %d serves the shared socket and one of its own at %s (SO_REUSEPORT)",
+                                index, shared.getsockname())
             return run(self, sockets=sockets)
-        uvicorn.Server.run = run_on_own_socket
+        uvicorn.Server.run = run_on_own_socket_too

@@ -20,7 +20,7 @@ def test_its_parts_fit_one_device_call():
     """A call runs at most 600 s and brings back at most 8 files: the parts' timeouts and files must fit."""
     text = SCRIPT.read_text()
     seconds = [int(line.split()[1]) for line in text.splitlines() if line.strip().startswith(("step ", "bench "))]
-    assert len(seconds) == 5 and sum(seconds) <= 570
+    assert len(seconds) == 5 and sum(seconds) + 10 * len(seconds) <= 590  # each killed 10 s after its SIGINT
     benches = [line.split()[2] for line in text.splitlines() if line.strip().startswith("bench ")]
     assert 2 * len(benches) + 1 <= 8  # JSON + markdown each, and the log
 

@@ -1,11 +1,11 @@
-"""serving/sockets.py: each API worker after the first serves a listening socket of its own (SO_REUSEPORT),
+"""serving/sockets.py: each API worker serves a listening socket of its own beside the shared one (SO_REUSEPORT),
 and the patches that do it refuse to apply to code that no longer looks as they expect."""
 import socket
 import sys
 
 import pytest
 
-from serving.sockets import SPREAD_ENV, own_listening_socket, spread_connections, spreading_requested
+from serving.sockets import SPREAD_ENV, own_socket, spread_connections, spreading_requested
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_REUSEPORT balances on Linux only")
 
@@ -22,10 +22,14 @@ def test_a_worker_s_own_socket_listens_at_the_shared_address():
     shared.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     shared.bind(("127.0.0.1", 0))
     shared.listen(64)  # room for every client in either queue: a full queue makes connect() wait
-    own = own_listening_socket(shared, 64)
+    own = own_socket(shared)
     try:
         assert own.getsockname() == shared.getsockname() and own.fileno() != shared.fileno()
         assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        # Bound, not listening: no connection can wait in it before its server listens (after the app's start).
+        with pytest.raises(OSError):
+            own.accept()
+        own.listen(64)
         clients = [socket.create_connection(shared.getsockname()) for _ in range(32)]
         accepted = []
         for listener in (shared, own):  # the kernel put each connection in one of the two queues
@@ -45,13 +49,14 @@ def test_a_worker_s_own_socket_listens_at_the_shared_address():
         shared.close()
 
 
+@linux_only
 def test_a_shared_socket_without_the_option_is_refused():
     plain = socket.socket()
     plain.bind(("127.0.0.1", 0))
     plain.listen(1)
     try:
         with pytest.raises(OSError):  # the kernel joins only sockets that all set SO_REUSEPORT
-            own_listening_socket(plain, 1).close()
+            own_socket(plain).close()
     finally:
         plain.close()
 
