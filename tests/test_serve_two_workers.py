@@ -63,6 +63,9 @@ def test_connections_opened_at_once_are_spread_over_both_workers(default_bundle,
             time.sleep(0.5)
         workers = _workers(server)
         assert len(workers) == 2, server.log.read_text()[-3000:]
+        # A worker listens on its own socket once its app has started, a moment after its engine line.
+        while time.monotonic() < deadline and not all(len(_listening_sockets(w, port)) == 2 for w in workers):
+            time.sleep(0.2)
         first, second = (_listening_sockets(worker, port) for worker in workers)
         assert len(first) == len(second) == 2 and len(first & second) == 1  # the shared socket and each its own
         connections = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(32)]
