@@ -86,4 +86,4 @@ Ceiling.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_reque
 Ceiling.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
 cancel_request_timers()
-spread_connections()  # each API worker after the first listens on a socket of its own (serving/sockets.py)
+spread_connections()  # each API worker listens on a socket of its own beside the shared one (serving/sockets.py)

@@ -580,10 +580,10 @@ MIN_TIMED_ROUNDS = 2
 # before it, either way (a step still getting faster has not settled either: a cold first round is
 # usually the slowest): at least MIN_WARMUP_ROUNDS, at most MAX_WARMUP_ROUNDS, and no more once half
 # the budget is spent. So whatever the budget, at least 2 warm-up and 2 timed rounds run (4 steps
-# each way: a slow model's timing outlasts the budget). One round was not enough: on an AMX Xeon (model 167, 2026-12-04) the pretraining step's fp32
-# side took 650-990 ms instead of ~420 ms in rounds 1-3 after its first bf16 step (glibc's allocator
-# still growing its mmap threshold for fp32's twice larger tensors: with MALLOC_MMAP_THRESHOLD_ fixed the
-# slow rounds all but vanished), so three timed rounds all showed bf16 1.26-2.15x, and auto chose bf16
+# each way: a slow model's timing outlasts the budget). One round was not enough: on an AMX Xeon
+# (model 167, 2026-12-04) the pretraining step's fp32 side took 650-990 ms instead of ~420 ms in
+# rounds 1-3 after its first bf16 step (glibc's allocator still growing its mmap threshold for fp32's
+# twice larger tensors: with MALLOC_MMAP_THRESHOLD_ fixed the slow rounds all but vanished), so three timed rounds all showed bf16 1.26-2.15x, and auto chose bf16
 # for a run in which bf16 then went 0.96x fp32.
 MIN_WARMUP_ROUNDS = 2
 MAX_WARMUP_ROUNDS = 6

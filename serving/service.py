@@ -260,7 +260,7 @@ Classifier.add_asgi_middleware(BodySizeLimit, max_bytes=Limits.from_env().max_re
 Classifier.add_asgi_middleware(MultipartBoundaryRequired)
 harden_multipart()
 cancel_request_timers()
-spread_connections()  # each API worker after the first listens on a socket of its own (serving/sockets.py)
+spread_connections()  # each API worker listens on a socket of its own beside the shared one (serving/sockets.py)
 Classifier.mount_asgi_app(huggingface.create_app(bentoml.get_current_service), path=huggingface.MOUNT)
 Classifier.mount_asgi_app(openai_api.create_app(bentoml.get_current_service), path=openai_api.MOUNT)
 from .ui import ui_app  # noqa: E402 - the /ui page (serving/static/), served by this process
